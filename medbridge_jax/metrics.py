@@ -1,0 +1,262 @@
+"""Clinical evaluation metrics for multi-label chest X-ray predictions.
+
+Everything here is numpy on the host: predictions are gathered after the
+jitted forward passes. All functions take `scores` (N, L) (probabilities or
+logits; AUROC and AUPRC only need the order), `targets` (N, L) in {0, 1} and
+an optional `mask` (N, L) where 0 marks an unknown label to leave out.
+
+A label whose known targets hold one class only has no AUROC: it is nan,
+listed in `Summary.undefined`, and left out of every mean.
+
+AUROC ties are handled like scikit-learn's `roc_auc_score` (a tied
+positive/negative pair counts one half) and AUPRC is scikit-learn's
+`average_precision_score` (precision at each distinct threshold weighted by the
+recall step), so both agree with scikit-learn to float rounding.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+def _prepare(scores, targets, mask):
+  scores = np.asarray(scores, np.float64)
+  targets = np.asarray(targets, np.float64)
+  if scores.ndim == 1:
+    scores, targets = scores[:, None], targets[:, None]
+    mask = None if mask is None else np.asarray(mask)[:, None]
+  if scores.shape != targets.shape:
+    raise ValueError(f"scores {scores.shape} and targets {targets.shape} differ")
+  if mask is None:
+    mask = np.ones_like(targets)
+  mask = np.asarray(mask, np.float64)
+  if mask.shape != targets.shape:
+    raise ValueError(f"mask {mask.shape} and targets {targets.shape} differ")
+  # Unknown or non-finite targets are never counted.
+  mask = (mask > 0) & np.isfinite(targets)
+  return scores, np.where(mask, targets, 0.0) > 0.5, mask
+
+
+def _weighted_auroc(scores, positive, weights):
+  """AUROC of one label under row weights, vectorised over weight vectors.
+
+  Args:
+    scores: (N,) scores.
+    positive: (N,) bool targets.
+    weights: (B, N) non-negative row weights (counts of a bootstrap resample,
+      or ones for the plain estimate).
+
+  Returns:
+    (B,) AUROC; nan where the weighted positives or negatives are zero.
+  """
+  order = np.argsort(scores, kind="stable")
+  s, pos, w = scores[order], positive[order], weights[:, order]
+  # Groups of tied scores: a tied positive/negative pair counts one half.
+  starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+  wpos = np.add.reduceat(w * pos, starts, axis=1)  # (B, G)
+  wneg = np.add.reduceat(w * ~pos, starts, axis=1)
+  neg_below = np.cumsum(wneg, axis=1) - wneg
+  total_pos, total_neg = wpos.sum(1), wneg.sum(1)
+  area = (wpos * (neg_below + 0.5 * wneg)).sum(1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    auc = area / (total_pos * total_neg)
+  return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
+
+
+def auroc(scores, targets, mask=None) -> np.ndarray:
+  """Per-label area under the ROC curve, (L,); nan for one-class labels."""
+  scores, positive, mask = _prepare(scores, targets, mask)
+  out = np.full(scores.shape[1], np.nan)
+  for j in range(scores.shape[1]):
+    keep = mask[:, j]
+    out[j] = _weighted_auroc(scores[keep, j], positive[keep, j],
+                             np.ones((1, int(keep.sum()))))[0]
+  return out
+
+
+def _average_precision(scores, positive):
+  if positive.sum() == 0 or positive.sum() == positive.size:
+    return np.nan
+  order = np.argsort(-scores, kind="stable")
+  s, pos = scores[order], positive[order]
+  # The last row of each run of tied scores is one threshold.
+  last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
+  tps = np.cumsum(pos)[last].astype(np.float64)
+  precision = tps / (last + 1)
+  recall_step = np.diff(np.r_[0.0, tps]) / tps[-1]
+  return float(np.sum(recall_step * precision))
+
+
+def auprc(scores, targets, mask=None) -> np.ndarray:
+  """Per-label average precision, (L,); nan for one-class labels."""
+  scores, positive, mask = _prepare(scores, targets, mask)
+  return np.array([
+      _average_precision(scores[mask[:, j], j], positive[mask[:, j], j])
+      for j in range(scores.shape[1])])
+
+
+def roc_curve(scores, targets, mask=None):
+  """(false positive rates, true positive rates) of one label, for plots."""
+  scores, positive, mask = _prepare(scores, targets, mask)
+  s, pos = scores[mask[:, 0], 0], positive[mask[:, 0], 0]
+  order = np.argsort(-s, kind="stable")
+  s, pos = s[order], pos[order]
+  last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
+  tps = np.r_[0, np.cumsum(pos)[last]].astype(np.float64)
+  fps = np.r_[0, last + 1].astype(np.float64) - tps
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return fps / max(fps[-1], 1), tps / max(tps[-1], 1)
+
+
+def expected_calibration_error(probs, targets, mask=None,
+                               num_bins: int = 10) -> np.ndarray:
+  """Per-label ECE of positive-class probabilities, (L,), equal-width bins.
+
+  ECE = sum over bins of (bin share) * |mean probability - positive rate|.
+  Defined for one-class labels too (nan only without any known target).
+  """
+  probs, positive, mask = _prepare(probs, targets, mask)
+  if np.nanmin(probs, initial=0.0) < 0 or np.nanmax(probs, initial=1.0) > 1:
+    raise ValueError("expected_calibration_error needs probabilities in [0, 1]")
+  bins = np.minimum((probs * num_bins).astype(np.int64), num_bins - 1)
+  out = np.full(probs.shape[1], np.nan)
+  for j in range(probs.shape[1]):
+    keep = mask[:, j]
+    n = keep.sum()
+    if n == 0:
+      continue
+    b, p, y = bins[keep, j], probs[keep, j], positive[keep, j]
+    gap = np.abs(np.bincount(b, p, num_bins) - np.bincount(b, y, num_bins))
+    # n_b/n * |mean p - mean y| summed over bins = sum |sum p - sum y| / n.
+    out[j] = gap.sum() / n
+  return out
+
+
+def mean_over(values: np.ndarray, label_names: Sequence[str],
+              subset: Sequence[str] = ()) -> float:
+  """Mean of per-label `values` over `subset` (all if empty), skipping nans."""
+  idx = label_indices(label_names, subset)
+  v = np.asarray(values, np.float64)[idx]
+  v = v[np.isfinite(v)]
+  return float(v.mean()) if v.size else float("nan")
+
+
+def label_indices(label_names: Sequence[str], subset: Sequence[str] = ()
+                  ) -> np.ndarray:
+  """Column indices of `subset` in `label_names`; all columns if empty."""
+  names = list(label_names)
+  if not subset:
+    return np.arange(len(names))
+  missing = [s for s in subset if s not in names]
+  if missing:
+    raise ValueError(f"mean label(s) {missing} not among the labels {names}")
+  return np.array([names.index(s) for s in subset], np.int64)
+
+
+def bootstrap_auroc_ci(scores, targets, mask=None, *, label_names=None,
+                       subset: Sequence[str] = (), num_resamples: int = 200,
+                       seed: int = 0, level: float = 0.95):
+  """Percentile bootstrap intervals of per-label AUROC and of mean AUROC.
+
+  Rows (images) are resampled with replacement, the same resample for every
+  label, so the interval of the mean accounts for correlated labels. A
+  resample where a label has one class only is skipped for that label.
+  Deterministic given `seed`.
+
+  Returns:
+    (per_label (L, 2), mean (2,)) lower and upper bounds; nan when
+    `num_resamples` is 0 or too few resamples were defined.
+  """
+  scores, positive, mask = _prepare(scores, targets, mask)
+  n, num_labels = scores.shape
+  per_label = np.full((num_labels, 2), np.nan)
+  if num_resamples <= 0 or n == 0:
+    return per_label, np.full(2, np.nan)
+  rng = np.random.default_rng(seed)
+  counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n)
+                     for _ in range(num_resamples)]).astype(np.float64)
+  samples = np.full((num_resamples, num_labels), np.nan)
+  for j in range(num_labels):
+    keep = mask[:, j]
+    samples[:, j] = _weighted_auroc(scores[keep, j], positive[keep, j],
+                                    counts[:, keep])
+  alpha = (1 - level) / 2
+  for j in range(num_labels):
+    v = samples[:, j][np.isfinite(samples[:, j])]
+    if v.size >= 2:
+      per_label[j] = np.quantile(v, [alpha, 1 - alpha])
+  names = label_names if label_names is not None else range(num_labels)
+  idx = label_indices(list(names), subset)
+  with np.errstate(invalid="ignore"):
+    sub = samples[:, idx]
+    defined = np.isfinite(sub)
+    # Labels undefined on the full data are undefined in every mean.
+    sub = np.where(defined, sub, 0.0)
+    means = sub.sum(1) / np.maximum(defined.sum(1), 1)
+    means = means[defined.any(1)]
+  mean_ci = (np.quantile(means, [alpha, 1 - alpha]) if means.size >= 2
+             else np.full(2, np.nan))
+  return per_label, mean_ci
+
+
+@dataclasses.dataclass
+class Summary:
+  """All metrics of one evaluation, per label and averaged."""
+  label_names: tuple[str, ...]
+  auroc: np.ndarray  # (L,) nan where undefined.
+  auprc: np.ndarray  # (L,)
+  ece: np.ndarray  # (L,)
+  auroc_ci: np.ndarray  # (L, 2)
+  mean_auroc: float  # Over `mean_labels`, defined labels only.
+  mean_auroc_ci: np.ndarray  # (2,)
+  mean_auprc: float
+  mean_ece: float
+  mean_labels: tuple[str, ...]  # Labels in the means (all if none chosen).
+  undefined: tuple[str, ...]  # Labels with one class only: no AUROC.
+  positives: np.ndarray  # (L,) known positives.
+  negatives: np.ndarray  # (L,) known negatives.
+
+  def to_json(self) -> dict:
+    """A JSON-able dict (nan becomes None)."""
+    def f(x):
+      x = float(x)
+      return x if np.isfinite(x) else None
+    per = {}
+    for j, name in enumerate(self.label_names):
+      per[name] = dict(auroc=f(self.auroc[j]), auprc=f(self.auprc[j]),
+                       ece=f(self.ece[j]),
+                       auroc_ci=[f(v) for v in self.auroc_ci[j]],
+                       positives=int(self.positives[j]),
+                       negatives=int(self.negatives[j]))
+    return dict(mean_auroc=f(self.mean_auroc),
+                mean_auroc_ci=[f(v) for v in self.mean_auroc_ci],
+                mean_auprc=f(self.mean_auprc), mean_ece=f(self.mean_ece),
+                mean_labels=list(self.mean_labels),
+                undefined=list(self.undefined), labels=per)
+
+
+def summarize(probs, targets, mask, label_names: Sequence[str], *,
+              mean_labels: Sequence[str] = (), bootstrap: int = 0,
+              seed: int = 0, ece_bins: int = 10) -> Summary:
+  """Every metric of one evaluation of probabilities `probs` (N, L)."""
+  label_names = tuple(label_names)
+  probs_, positive, known = _prepare(probs, targets, mask)
+  if probs_.shape[1] != len(label_names):
+    raise ValueError(f"{probs_.shape[1]} score columns for "
+                     f"{len(label_names)} labels")
+  roc = auroc(probs, targets, mask)
+  pr = auprc(probs, targets, mask)
+  ece = expected_calibration_error(probs, targets, mask, ece_bins)
+  ci, mean_ci = bootstrap_auroc_ci(
+      probs, targets, mask, label_names=label_names, subset=mean_labels,
+      num_resamples=bootstrap, seed=seed)
+  idx = label_indices(label_names, mean_labels)
+  return Summary(
+      label_names=label_names, auroc=roc, auprc=pr, ece=ece, auroc_ci=ci,
+      mean_auroc=mean_over(roc, label_names, mean_labels), mean_auroc_ci=mean_ci,
+      mean_auprc=mean_over(pr, label_names, mean_labels),
+      mean_ece=mean_over(ece, label_names, mean_labels),
+      mean_labels=tuple(label_names[i] for i in idx),
+      undefined=tuple(n for n, v in zip(label_names, roc) if not np.isfinite(v)),
+      positives=(positive & known).sum(0), negatives=(~positive & known).sum(0))
