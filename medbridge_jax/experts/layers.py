@@ -1,0 +1,158 @@
+"""Transformer building blocks shared by the CLIP and SigLIP towers.
+
+Both families use the same pre-norm encoder layer (LayerNorm, multi-head
+self-attention, residual, LayerNorm, MLP, residual); they differ only in the
+activation and the LayerNorm epsilon. Params are float32; `dtype` is the
+compute dtype. Attention goes through `jax.nn.dot_product_attention` so that
+`attention_impl="cudnn"` can pick the fused kernel on GPU.
+"""
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medbridge_jax.errors import UserError
+
+Array = jax.Array
+
+
+def _quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_erf(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+# Names as they appear in transformers' `hidden_act`.
+ACTIVATIONS = {
+    "quick_gelu": _quick_gelu,
+    "gelu": _gelu_erf,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """The activation function transformers calls `name`."""
+  if name not in ACTIVATIONS:
+    raise UserError(f"unsupported hidden_act {name!r}; "
+                    f"supported: {', '.join(sorted(ACTIVATIONS))}")
+  return ACTIVATIONS[name]
+
+
+def dense(features: int, dtype, name: Optional[str] = None,
+          use_bias: bool = True) -> nn.Dense:
+  """A float32-param Dense computing in `dtype` (name only in compact code)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+def layer_norm(eps: float, dtype, name: Optional[str] = None) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                      name=name)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Optional[Array],
+           impl: Optional[str]) -> Array:
+  """Scaled dot-product attention over (B, T, N, H) tensors."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head attention with separate q/k/v/out projections (HF layout)."""
+  hidden_size: int
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  def setup(self):
+    d = self.hidden_size
+    self.query = dense(d, self.dtype)
+    self.key = dense(d, self.dtype)
+    self.value = dense(d, self.dtype)
+    self.out = dense(d, self.dtype)
+
+  def _split(self, x: Array) -> Array:
+    b, t, _ = x.shape
+    return x.reshape(b, t, self.num_heads, self.hidden_size // self.num_heads)
+
+  def qkv(self, x: Array):
+    """Per-head queries, keys and values of `x`, each (B, T, N, H)."""
+    return (self._split(self.query(x)), self._split(self.key(x)),
+            self._split(self.value(x)))
+
+  def project_out(self, heads: Array) -> Array:
+    b, t = heads.shape[:2]
+    return self.out(heads.reshape(b, t, self.hidden_size))
+
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    q, k, v = self.qkv(x)
+    return self.project_out(attend(q, k, v, mask, self.attention_impl))
+
+
+class Mlp(nn.Module):
+  hidden_size: int
+  mlp_dim: int
+  act: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = dense(self.mlp_dim, self.dtype, "fc1")(x)
+    x = activation(self.act)(x)
+    return dense(self.hidden_size, self.dtype, "fc2")(x)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm transformer layer, numerically as transformers computes it.
+
+  `__call__` is the plain layer. `with_extra` runs the same ops on the image
+  stream and, beside it, lets extra tokens attend to the image tokens' keys
+  and values (from this very layer) plus their own, without ever letting the
+  image tokens see the extra ones.
+  """
+  hidden_size: int
+  num_heads: int
+  mlp_dim: int
+  act: str
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  def setup(self):
+    self.norm1 = layer_norm(self.eps, self.dtype)
+    self.attn = SelfAttention(self.hidden_size, self.num_heads, self.dtype,
+                              self.attention_impl)
+    self.norm2 = layer_norm(self.eps, self.dtype)
+    self.mlp = Mlp(self.hidden_size, self.mlp_dim, self.act, self.dtype)
+
+  def _finish(self, x: Array, attn_out: Array) -> Array:
+    x = x + attn_out
+    return x + self.mlp(self.norm2(x))
+
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    return self._finish(x, self.attn(self.norm1(x), mask))
+
+  def with_extra(self, x: Array, extra: Array):
+    """One layer on image tokens `x` and extra tokens; see class docstring."""
+    # Image stream: the very ops of `__call__` (keeps it bit-identical).
+    q, k, v = self.attn.qkv(self.norm1(x))
+    x_out = self._finish(
+        x, self.attn.project_out(attend(q, k, v, None, self.attention_impl)))
+    # Extra stream: queries from the extra tokens; keys/values are the image
+    # tokens' (reused, not recomputed) followed by the extra tokens' own.
+    qe, ke, ve = self.attn.qkv(self.norm1(extra))
+    keys = jnp.concatenate([k, ke], axis=1)
+    values = jnp.concatenate([v, ve], axis=1)
+    e_heads = attend(qe, keys, values, None, self.attention_impl)
+    e_out = self._finish(extra, self.attn.project_out(e_heads))
+    return x_out, e_out
