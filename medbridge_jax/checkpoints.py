@@ -1,0 +1,210 @@
+"""Saving and resuming training state with orbax.
+
+Layout under the workdir:
+  checkpoints/<step>/   periodic and final saves, the newest `keep` kept.
+  best/<step>/          the one checkpoint with the best validation mean AUROC.
+  corrupt/<step>-<n>/   checkpoints that failed to restore, moved out of the way.
+
+Each checkpoint holds two items: "state" (the train state pytree: step,
+trainable parameters, optimizer state) and "meta" (JSON: the data iterator
+state, the best metric so far, the config). A checkpoint whose state holds a
+non-finite number is never written. On restore the newest checkpoint that
+reads back completely wins; newer unreadable ones (a save killed midway, a
+truncated file) are moved to corrupt/ with a warning.
+"""
+
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from medbridge_jax import errors
+
+# Config keys that change what the state means: resuming under other values
+# would silently mix two experiments. Other differences are only logged.
+_IDENTITY_KEYS = ("model", "experts", "random_experts", "data.dataset",
+                  "data.labels", "seed")
+
+
+def all_finite(tree) -> bool:
+  """Whether every floating-point leaf of `tree` is finite (one device sync)."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if not leaves:
+    return True
+  return bool(jax.jit(lambda xs: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_config(saved: dict | None, current: dict) -> None:
+  """UserError when the workdir's checkpoints belong to another experiment."""
+  if not saved:
+    return
+  a, b = _flat(saved), _flat(json.loads(json.dumps(current)))
+  differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  fatal = [k for k in differ
+           if any(k == p or k.startswith(p + ".") for p in _IDENTITY_KEYS)]
+  if fatal:
+    raise errors.UserError(
+        f"the workdir's checkpoints were made with another config "
+        f"({fatal[0]}: {a.get(fatal[0])!r} there, {b.get(fatal[0])!r} now); "
+        f"use another --workdir or the same config")
+  if differ:
+    logging.warning("Resuming with changed config values: %s", ", ".join(differ))
+
+
+class Checkpointer:
+  """Periodic, final and best-by-metric checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    self._workdir = workdir
+    self._keep = keep
+    self._async = async_save
+    self._periodic = self._manager("checkpoints", keep)
+    self._best = self._manager("best", 1)
+    self.best_metric = float("-inf")
+
+  def _manager(self, name: str, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(self._workdir, name),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max(1, keep), create=True,
+            enable_async_checkpointing=self._async,
+            # A save killed midway leaves a temporary directory behind.
+            cleanup_tmp_directories=True))
+
+  @property
+  def directory(self) -> str:
+    return os.path.join(self._workdir, "checkpoints")
+
+  def latest_step(self) -> int | None:
+    return self._periodic.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict, *,
+           metric: float | None = None, force: bool = False) -> bool:
+    """Saves `state` at `step` unless it holds a non-finite value.
+
+    Args:
+      step: the optimizer step the state is after.
+      state: the train state pytree.
+      meta: JSON-able extras (data iterator state, ...).
+      metric: validation mean AUROC of this state, if just evaluated; a new
+        best also goes to best/.
+      force: save even when not on the periodic schedule (final, SIGTERM).
+
+    Returns:
+      Whether anything was written.
+    """
+    if not all_finite(state):
+      logging.error("Not saving step %d: the state holds NaN or inf.", step)
+      return False
+    meta = dict(meta, step=int(step))
+    if metric is not None and np.isfinite(metric) and metric > self.best_metric:
+      self.best_metric = float(metric)
+      meta["best_metric"] = self.best_metric
+      if step not in self._best.all_steps():
+        self._best.save(step, args=self._args(state, meta), force=True)
+        logging.info("New best mean AUROC %.4f at step %d.", metric, step)
+    meta["best_metric"] = self.best_metric if np.isfinite(
+        self.best_metric) else None
+    if step in self._periodic.all_steps():
+      return False
+    return self._periodic.save(step, args=self._args(state, meta), force=force)
+
+  @staticmethod
+  def _args(state, meta):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(meta))
+
+  def wait(self) -> None:
+    self._periodic.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    self._periodic.close()
+    self._best.close()
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    src = os.path.join(self.directory, str(step))
+    dst_root = os.path.join(self._workdir, "corrupt")
+    os.makedirs(dst_root, exist_ok=True)
+    n = 0
+    while os.path.exists(os.path.join(dst_root, f"{step}-{n}")):
+      n += 1
+    logging.warning("Checkpoint %s is unreadable (%s); moved to %s and "
+                    "skipped.", src, reason, os.path.join(dst_root, f"{step}-{n}"))
+    if jax.process_index() == 0 and os.path.exists(src):
+      shutil.move(src, os.path.join(dst_root, f"{step}-{n}"))
+
+  def restore(self, abstract_state: Any, config: dict
+              ) -> tuple[Any, dict] | None:
+    """The newest readable checkpoint as (state, meta), or None if none.
+
+    Args:
+      abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings.
+      config: the current config as a dict (checked against the saved one).
+    """
+    steps = sorted(self._periodic.all_steps(), reverse=True)
+    if not steps:
+      return None
+    skipped, last_error = [], None
+    for step in steps:
+      try:
+        meta = self._periodic.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append((step, e))
+        last_error = e
+        continue
+      # A different experiment is the user's mistake, not a corrupt file.
+      check_config(meta.get("config"), config)
+      try:
+        restored = self._periodic.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        if not all_finite(restored):
+          raise ValueError("it holds NaN or inf")
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append((step, e))
+        last_error = e
+        continue
+      for bad, err in skipped:
+        self._move_aside(bad, f"{type(err).__name__}: {str(err)[:200]}")
+      if skipped:
+        # The managers cache their step lists; start them afresh.
+        self._periodic.close()
+        self._periodic = self._manager("checkpoints", self._keep)
+      best = meta.get("best_metric")
+      self.best_metric = float(best) if best is not None else float("-inf")
+      logging.info("Resumed from %s at step %d.", self.directory, step)
+      return restored, meta
+    raise errors.UserError(
+        f"no checkpoint in {self.directory} could be read (newest error: "
+        f"{type(last_error).__name__}: {str(last_error).splitlines()[0][:200]}); "
+        f"move the directory away to start afresh")
+
+  def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    """The best checkpoint as (state, meta), or None if there is none."""
+    step = self._best.latest_step()
+    if step is None:
+      return None
+    out = self._best.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
