@@ -1,0 +1,17 @@
+"""Frozen CLIP and SigLIP experts in Flax, loaded from Hugging Face folders.
+
+  expert = experts.load("/path/to/clip-vit-base-patch16")
+  feats = expert.image_features(expert.normalize(images01))
+
+Modules: vit (image tower), text (text tower), layers (shared blocks),
+hf_names (tensor-name map), loader, tokenizers, expert (the `Expert`
+object), random_experts (small random HF folders), zero_shot.
+"""
+
+from medbridge_jax.experts.expert import Expert
+from medbridge_jax.experts.loader import load
+from medbridge_jax.experts.text import TextConfig, TextTower
+from medbridge_jax.experts.vit import VisionConfig, VisionTower
+
+__all__ = ["Expert", "TextConfig", "TextTower", "VisionConfig",
+           "VisionTower", "load"]

@@ -1,0 +1,140 @@
+"""`Expert`: one frozen CLIP or SigLIP model, ready to call.
+
+Holds the two linen towers, their float32 params, the tokenizer and the
+image normalisation. The towers and params are plain attributes so that
+model code can use them inside its own jitted functions:
+
+  expert.vision.apply({"params": expert.params["vision"]}, pixels,
+                      method="embed")
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medbridge_jax.errors import UserError
+from medbridge_jax.experts.text import TextTower
+from medbridge_jax.experts.vit import VisionTower
+
+# transformers' CLIPImageProcessor / SiglipImageProcessor defaults.
+FAMILY_MEAN_STD = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073),
+             (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+@dataclasses.dataclass(eq=False)
+class Expert:
+  """A loaded expert; see the module docstring and docs/CONTRACTS.md."""
+  name: str
+  path: str
+  family: str  # "clip" | "siglip".
+  image_size: int  # The checkpoint's native input side.
+  image_mean: Tuple[float, float, float]
+  image_std: Tuple[float, float, float]
+  vision: VisionTower
+  text: TextTower
+  params: dict  # {"vision", "text", "logit_scale"[, "logit_bias"]}.
+  max_length: int  # Token sequence length tokenize pads to.
+  make_tokenizer: Callable[[], Any] = dataclasses.field(repr=False)
+
+  @property
+  def dtype(self):
+    return self.vision.dtype
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The checkpoint's transformers tokenizer (built on first use)."""
+    return self.make_tokenizer()
+
+  @property
+  def logit_scale(self) -> jax.Array:
+    """exp(logit_scale): the temperature the checkpoint was trained with."""
+    return jnp.exp(jnp.reshape(self.params["logit_scale"], ()))
+
+  @property
+  def logit_bias(self) -> jax.Array:
+    """SigLIP's learned bias; 0 for CLIP."""
+    if "logit_bias" not in self.params:
+      return jnp.zeros((), jnp.float32)
+    return jnp.reshape(self.params["logit_bias"], ())
+
+  @functools.cached_property
+  def _image_fn(self):
+    return jax.jit(lambda p, x: self.vision.apply({"params": p}, x)[0])
+
+  @functools.cached_property
+  def _text_fn(self):
+    return jax.jit(lambda p, i, m: self.text.apply({"params": p}, i, m)[0])
+
+  def image_features(self, pixel_values) -> jax.Array:
+    """get_image_features for NHWC pixels already normalised (see normalize).
+
+    Sides other than `image_size` use interpolated position embeddings, as
+    transformers' `interpolate_pos_encoding=True` does.
+    """
+    pixel_values = jnp.asarray(pixel_values, jnp.float32)
+    self.vision._check_pixels(pixel_values)  # pylint: disable=protected-access
+    return self._image_fn(self.params["vision"], pixel_values)
+
+  def text_features(self, input_ids, attention_mask=None) -> jax.Array:
+    """get_text_features for (B, T) token ids (and optional 0/1 mask)."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if ids.ndim != 2:
+      raise UserError(f"input_ids must be (batch, length); got {ids.shape}")
+    if ids.shape[1] > self.text.config.max_length:
+      raise UserError(f"token sequence of length {ids.shape[1]} is longer "
+                      f"than {self.name}'s {self.text.config.max_length}")
+    mask = None if attention_mask is None else jnp.asarray(attention_mask)
+    return self._text_fn(self.params["text"], ids, mask)
+
+  def tokenize(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), int32 (N, max_length), with the
+    checkpoint's own tokenizer, padded to its max length and truncated."""
+    if isinstance(texts, str):
+      texts = [texts]
+    out = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                         max_length=self.max_length, return_tensors="np")
+    ids = np.asarray(out["input_ids"], np.int32)
+    mask = out.get("attention_mask")
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)
+    return ids, mask
+
+  def encode_text(self, texts: Sequence[str]) -> jax.Array:
+    """Text features of raw strings, used the way the family was trained.
+
+    CLIP gets its padding mask (pooling at the end token makes it
+    irrelevant anyway). SigLIP was trained on max-length padded text
+    without a mask (big_vision, and transformers' pipelines before 5.x), so
+    the pad tokens are attended to, as its pooling at the last position
+    expects.
+    """
+    ids, mask = self.tokenize(texts)
+    return self.text_features(ids, mask if self.family == "clip" else None)
+
+  def normalize(self, images01) -> jax.Array:
+    """[0, 1] images (..., H, W, 1 or 3) -> normalised 3-channel pixels."""
+    x = jnp.asarray(images01, jnp.float32)
+    if x.ndim < 3 or x.shape[-1] not in (1, 3):
+      raise UserError(f"images for {self.name} must be (..., H, W, 1) or "
+                      f"(..., H, W, 3) with channels last; got {x.shape}")
+    if x.shape[-1] == 1:
+      x = jnp.repeat(x, 3, axis=-1)
+    mean = jnp.asarray(self.image_mean, jnp.float32)
+    std = jnp.asarray(self.image_std, jnp.float32)
+    return (x - mean) / std
+
+  def with_dtype(self, dtype, attention_impl: Optional[str] = "keep"
+                 ) -> "Expert":
+    """The same expert computing in `dtype` (params unchanged)."""
+    impl = (self.vision.attention_impl if attention_impl == "keep"
+            else attention_impl)
+    return dataclasses.replace(
+        self,
+        vision=self.vision.clone(dtype=dtype, attention_impl=impl),
+        text=self.text.clone(dtype=dtype, attention_impl=impl))

@@ -1,0 +1,302 @@
+"""Small randomly initialised CLIP / SigLIP checkpoints in Hugging Face format.
+
+`write(path, spec, seed)` produces a folder that transformers'
+`CLIPModel.from_pretrained` / `SiglipModel.from_pretrained` load, and that
+`experts.load` reads through the very same code path as a real checkpoint:
+config.json (transformers' own format), model.safetensors, tokenizer files
+and preprocessor_config.json. No torch: our Flax towers are initialised with
+JAX and their params mapped to HF names by `hf_names`.
+
+Spec: "family:key=value,...", e.g. "clip:width=64,layers=4,heads=4,patch=8,
+image=64". Keys: width, layers, heads, patch, image, mlp (default 4*width),
+proj (projection width, default width), text_width (32), text_layers (2),
+text_heads (4), text_mlp (4*text_width), text_len (CLIP 77, SigLIP 64).
+The tokenizers are tiny: CLIP gets a character-level byte BPE (no merges),
+SigLIP a sentencepiece model trained here on a built-in word list.
+"""
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medbridge_jax.errors import UserError
+from medbridge_jax.experts import hf_names
+from medbridge_jax.experts.expert import FAMILY_MEAN_STD
+from medbridge_jax.experts.text import TextConfig, TextTower
+from medbridge_jax.experts.vit import VisionConfig, VisionTower
+
+KEYS = ("width", "layers", "heads", "patch", "image", "mlp", "proj",
+        "text_width", "text_layers", "text_heads", "text_mlp", "text_len")
+REQUIRED = ("width", "layers", "heads", "patch", "image")
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+SIGLIP_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2.
+
+# Text the SigLIP sentencepiece model is trained on: everyday English and
+# the chest X-ray vocabulary our prompts use.
+WORDS = """
+a an the of with no and or in on at to is are was be this that there
+showing shows chest x-ray xray radiograph image photo picture view frontal
+lateral left right bilateral upper lower lobe lung lungs heart mediastinum
+normal abnormal finding findings evidence sign signs of small large mild
+moderate severe acute chronic new old stable increased decreased
+atelectasis cardiomegaly consolidation edema effusion pleural emphysema
+fibrosis hernia infiltration mass nodule pneumonia pneumothorax thickening
+enlarged cardiomediastinum lesion opacity fracture support devices device
+tube line catheter pacemaker no finding calcification granuloma scarring
+tuberculosis collapse widening aortic enlargement interstitial disease
+cat dog house tree car person man woman child water sky city road book
+""".split()
+
+
+def parse_spec(spec: str) -> Tuple[str, Dict[str, int]]:
+  """("clip" | "siglip", {key: int}) from a spec string; checks everything."""
+  family, _, rest = str(spec).partition(":")
+  family = family.strip().lower()
+  if family not in ("clip", "siglip"):
+    raise UserError(f"random expert spec {spec!r}: family must be 'clip' or "
+                    f"'siglip'")
+  values = {}
+  for item in filter(None, (s.strip() for s in rest.split(","))):
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if not eq or key not in KEYS:
+      raise UserError(f"random expert spec {spec!r}: bad item {item!r}; "
+                      f"keys are {', '.join(KEYS)}")
+    try:
+      values[key] = int(value)
+    except ValueError:
+      raise UserError(f"random expert spec {spec!r}: {key} must be an "
+                      f"integer, got {value!r}") from None
+    if values[key] <= 0:
+      raise UserError(f"random expert spec {spec!r}: {key} must be positive")
+  missing = [k for k in REQUIRED if k not in values]
+  if missing:
+    raise UserError(f"random expert spec {spec!r}: missing {missing[0]}=")
+  v = values
+  v.setdefault("mlp", 4 * v["width"])
+  v.setdefault("proj", v["width"])
+  v.setdefault("text_width", 32)
+  v.setdefault("text_layers", 2)
+  v.setdefault("text_heads", 4)
+  v.setdefault("text_mlp", 4 * v["text_width"])
+  v.setdefault("text_len", 77 if family == "clip" else 64)
+  for w, h in (("width", "heads"), ("text_width", "text_heads")):
+    if v[w] % v[h]:
+      raise UserError(f"random expert spec {spec!r}: {w}={v[w]} is not "
+                      f"divisible by {h}={v[h]}")
+  if v["image"] % v["patch"]:
+    raise UserError(f"random expert spec {spec!r}: image={v['image']} is "
+                    f"not a multiple of patch={v['patch']}")
+  return family, v
+
+
+# ---- Tokenizers -------------------------------------------------------------
+
+def _byte_symbols():
+  """The printable stand-in for each byte used by byte-level BPE (GPT-2)."""
+  keep = (list(range(ord("!"), ord("~") + 1)) +
+          list(range(ord("\xa1"), ord("\xac") + 1)) +
+          list(range(ord("\xae"), ord("\xff") + 1)))
+  symbols, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      symbols[b] = chr(b)
+    else:
+      symbols[b] = chr(256 + extra)
+      extra += 1
+  return [symbols[b] for b in range(256)]
+
+
+def clip_vocab() -> Dict[str, int]:
+  """A character-level CLIP vocabulary: each byte, alone and word-final."""
+  chars = _byte_symbols()
+  tokens = chars + [c + "</w>" for c in chars] + [CLIP_BOS, CLIP_EOS]
+  return {t: i for i, t in enumerate(tokens)}
+
+
+def _write_clip_tokenizer(path: str, max_length: int) -> Dict[str, int]:
+  vocab = clip_vocab()
+  _write_json(os.path.join(path, "vocab.json"), vocab)
+  with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n")
+  _write_json(os.path.join(path, "special_tokens_map.json"), {
+      "bos_token": CLIP_BOS, "eos_token": CLIP_EOS,
+      "unk_token": CLIP_EOS, "pad_token": CLIP_EOS})
+  _write_json(os.path.join(path, "tokenizer_config.json"), {
+      "tokenizer_class": "CLIPTokenizer", "bos_token": CLIP_BOS,
+      "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS,
+      "model_max_length": max_length, "do_lower_case": True})
+  return {"bos": vocab[CLIP_BOS], "eos": vocab[CLIP_EOS],
+          "pad": vocab[CLIP_EOS], "vocab_size": len(vocab)}
+
+
+def _siglip_sentences():
+  """A fixed corpus: every word, then prompt-like sentences."""
+  out = list(WORDS)
+  for i, w in enumerate(WORDS):
+    out.append(f"a chest x-ray showing {w}")
+    out.append(f"a chest x-ray with no {w} and {WORDS[(7 * i) % len(WORDS)]}")
+  return out
+
+
+def train_spiece(vocab_size: int = 256) -> bytes:
+  """A small unigram sentencepiece model, deterministic, trained offline."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_siglip_sentences()), model_writer=buf,
+      vocab_size=vocab_size, model_type="unigram", hard_vocab_limit=False,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+      character_coverage=1.0, minloglevel=2, seed_sentencepiece_size=10000,
+      shuffle_input_sentence=False)
+  return buf.getvalue()
+
+
+def _write_siglip_tokenizer(path: str, max_length: int) -> Dict[str, int]:
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  model = train_spiece()
+  with open(os.path.join(path, "spiece.model"), "wb") as f:
+    f.write(model)
+  size = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+  _write_json(os.path.join(path, "special_tokens_map.json"), {
+      "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"})
+  _write_json(os.path.join(path, "tokenizer_config.json"), {
+      "tokenizer_class": "SiglipTokenizer", "eos_token": "</s>",
+      "pad_token": "</s>", "unk_token": "<unk>",
+      "model_max_length": max_length, "do_lower_case": True})
+  return {"bos": None, "eos": 1, "pad": 1, "vocab_size": size}
+
+
+# ---- Weights and configs ----------------------------------------------------
+
+def tower_configs(family: str, v: Dict[str, int], vocab_size: int,
+                  eos: int) -> Tuple[VisionConfig, TextConfig]:
+  clip = family == "clip"
+  act = "quick_gelu" if clip else "gelu_pytorch_tanh"
+  eps = 1e-5 if clip else 1e-6
+  vision = VisionConfig(
+      family=family, hidden_size=v["width"], num_layers=v["layers"],
+      num_heads=v["heads"], mlp_dim=v["mlp"], patch_size=v["patch"],
+      image_size=v["image"], act=act, eps=eps,
+      projection_dim=v["proj"] if clip else 0, use_head=True)
+  text = TextConfig(
+      family=family, vocab_size=vocab_size, hidden_size=v["text_width"],
+      num_layers=v["text_layers"], num_heads=v["text_heads"],
+      mlp_dim=v["text_mlp"], max_length=v["text_len"], act=act, eps=eps,
+      projection_dim=v["proj"] if clip else v["width"], eos_token_id=eos)
+  return vision, text
+
+
+def init_params(vision: VisionConfig, text: TextConfig, seed: int) -> dict:
+  """Random float32 params in our layout (deterministic by seed)."""
+  kv, kt = jax.random.split(jax.random.PRNGKey(seed))
+  px = jnp.zeros((1, vision.image_size, vision.image_size, 3), jnp.float32)
+  ids = jnp.zeros((1, text.max_length), jnp.int32)
+  params = {
+      "vision": jax.jit(VisionTower(vision).init)(kv, px)["params"],
+      "text": jax.jit(TextTower(text).init)(kt, ids)["params"],
+  }
+  if vision.family == "clip":
+    params["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)
+  else:
+    params["logit_scale"] = np.asarray([np.log(10.0)], np.float32)
+    params["logit_bias"] = np.asarray([-10.0], np.float32)
+  return jax.tree.map(np.asarray, params)
+
+
+def _hf_config(family: str, v: Dict[str, int], vision: VisionConfig,
+               text: TextConfig, tok: Dict[str, int]):
+  """transformers' config object for these towers (it writes config.json)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  text_cfg = dict(
+      vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+      intermediate_size=text.mlp_dim, num_hidden_layers=text.num_layers,
+      num_attention_heads=text.num_heads,
+      max_position_embeddings=text.max_length, hidden_act=text.act,
+      layer_norm_eps=text.eps, eos_token_id=tok["eos"],
+      pad_token_id=tok["pad"])
+  vision_cfg = dict(
+      hidden_size=vision.hidden_size, intermediate_size=vision.mlp_dim,
+      num_hidden_layers=vision.num_layers,
+      num_attention_heads=vision.num_heads, image_size=vision.image_size,
+      patch_size=vision.patch_size, hidden_act=vision.act,
+      layer_norm_eps=vision.eps, num_channels=3)
+  if family == "clip":
+    text_cfg.update(bos_token_id=tok["bos"], projection_dim=v["proj"])
+    vision_cfg.update(projection_dim=v["proj"])
+    cfg = transformers.CLIPConfig(text_config=text_cfg,
+                                  vision_config=vision_cfg,
+                                  projection_dim=v["proj"])
+  else:
+    text_cfg.update(projection_size=text.projection_dim, bos_token_id=None)
+    vision_cfg.update(vision_use_head=True)
+    cfg = transformers.SiglipConfig(text_config=text_cfg,
+                                    vision_config=vision_cfg)
+  cfg.architectures = ["CLIPModel" if family == "clip" else "SiglipModel"]
+  return cfg
+
+
+def _preprocessor_config(family: str, image: int) -> dict:
+  mean, std = FAMILY_MEAN_STD[family]
+  if family == "clip":
+    return {"image_processor_type": "CLIPImageProcessor",
+            "do_resize": True, "size": {"shortest_edge": image},
+            "do_center_crop": True,
+            "crop_size": {"height": image, "width": image},
+            "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(mean),
+            "image_std": list(std), "do_convert_rgb": True, "resample": 3}
+  return {"image_processor_type": "SiglipImageProcessor",
+          "do_resize": True, "size": {"height": image, "width": image},
+          "do_rescale": True, "rescale_factor": 1 / 255,
+          "do_normalize": True, "image_mean": list(mean),
+          "image_std": list(std), "resample": 3}
+
+
+def _write_json(file: str, data):
+  with open(file, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def write(path: str, spec: str, seed: int = 0) -> str:
+  """Writes a complete random HF folder for `spec` at `path`; returns path.
+
+  Files are built in a sibling temporary folder and moved into place, so a
+  crash never leaves a half-written checkpoint that looks complete.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  family, v = parse_spec(spec)
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  try:
+    if family == "clip":
+      tok = _write_clip_tokenizer(tmp, v["text_len"])
+    else:
+      tok = _write_siglip_tokenizer(tmp, v["text_len"])
+    vision, text = tower_configs(family, v, tok["vocab_size"], tok["eos"])
+    params = init_params(vision, text, seed)
+    tensors = hf_names.from_params(params, hf_names.all_entries(vision, text))
+    save_file(tensors, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    _write_json(os.path.join(tmp, "preprocessor_config.json"),
+                _preprocessor_config(family, v["image"]))
+    _hf_config(family, v, vision, text, tok).save_pretrained(tmp)
+    if not os.path.exists(path):
+      os.rename(tmp, path)
+    else:
+      for name in sorted(os.listdir(tmp)):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return path

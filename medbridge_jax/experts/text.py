@@ -1,0 +1,112 @@
+"""The CLIP and SigLIP text towers as one linen module.
+
+CLIP: causal attention (plus the padding mask), final LayerNorm, the hidden
+state at the end-of-text token, bias-free `text_projection`. SigLIP:
+bidirectional attention (plus the padding mask), final LayerNorm, the last
+position's hidden state (padding included, as SigLIP was trained with
+max-length padding), `head` Linear with bias.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medbridge_jax.experts import layers
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Shape of a text tower, read from the checkpoint's `text_config`."""
+  family: str  # "clip" | "siglip".
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  max_length: int  # max_position_embeddings.
+  act: str
+  eps: float
+  projection_dim: int  # CLIP text_projection / SigLIP head output width.
+  eos_token_id: int = 2  # CLIP pooling; 2 means "argmax of ids" (legacy).
+
+
+class TextTower(nn.Module):
+  """Token ids (B, T) -> text features (B, P), as get_text_features."""
+  config: TextConfig
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_layers
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def setup(self):
+    c = self.config
+    d = c.hidden_size
+    self.token_embedding = self.param(
+        "token_embedding", nn.initializers.normal(0.02), (c.vocab_size, d))
+    self.position_embedding = self.param(
+        "position_embedding", nn.initializers.normal(0.01),
+        (c.max_length, d))
+    self.layers = [
+        layers.EncoderLayer(d, c.num_heads, c.mlp_dim, c.act, c.eps,
+                            self.dtype, self.attention_impl)
+        for _ in range(c.num_layers)]
+    self.final_norm = layers.layer_norm(c.eps, self.dtype)
+    self.projection = layers.dense(c.projection_dim, self.dtype,
+                                   use_bias=c.family == "siglip")
+
+  def _mask(self, ids: Array, mask: Optional[Array]) -> Optional[Array]:
+    """Boolean (B, 1, T, T) attention mask, or None for full attention."""
+    t = ids.shape[1]
+    allowed = None
+    if mask is not None:
+      keys = jnp.asarray(mask).astype(bool)[:, None, None, :]
+      allowed = jnp.broadcast_to(keys, (ids.shape[0], 1, t, t))
+    if self.config.family == "clip":
+      causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+      allowed = causal if allowed is None else allowed & causal
+    return allowed
+
+  def _pool_index(self, ids: Array) -> Array:
+    c = self.config
+    if c.family == "siglip":
+      return jnp.full((ids.shape[0],), ids.shape[1] - 1)
+    if c.eos_token_id == 2:
+      # transformers keeps the pre-2023 rule for such configs: the end token
+      # has the largest id in CLIP's original vocabulary.
+      return jnp.argmax(ids, axis=-1)
+    return jnp.argmax(ids == c.eos_token_id, axis=-1)
+
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               output_hidden_states: bool = False):
+    """(features (B, P), hidden_states): hidden states as transformers lists
+    them (embeddings, then each layer's output), or () if not asked."""
+    c = self.config
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be (batch, length); got {ids.shape}")
+    if ids.shape[1] > c.max_length:
+      raise ValueError(f"text length {ids.shape[1]} exceeds the checkpoint's "
+                       f"max_position_embeddings {c.max_length}")
+    x = jnp.take(self.token_embedding, ids, axis=0)
+    x = (x + self.position_embedding[None, :ids.shape[1]]).astype(self.dtype)
+    mask = self._mask(ids, attention_mask)
+    hidden = [x]
+    for layer in self.layers:
+      x = layer(x, mask)
+      hidden.append(x)
+    x = self.final_norm(x)
+    pooled = jnp.take_along_axis(
+        x, self._pool_index(ids)[:, None, None], axis=1)[:, 0]
+    features = self.projection(pooled)
+    return features, (tuple(hidden) if output_hidden_states else ())
