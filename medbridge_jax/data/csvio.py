@@ -86,8 +86,14 @@ class Table:
     raise UserError(f"{self.path}: line {int(self.lines[row])}: {message}")
 
 
-def read_table(path: str, required: Iterable[str] = ()) -> Table:
-  """Reads a CSV file with a header row; `required` columns must exist."""
+def read_table(path: str, required: Iterable[str] = (),
+               only_required: bool = False) -> Table:
+  """Reads a CSV file with a header row; `required` columns must exist.
+
+  With `only_required`, other columns are parsed but not kept (saves time and
+  memory on wide metadata files).
+  """
+  required = tuple(required)
   text = read_text(path)
   reader = csv.reader(io.StringIO(text, newline=""))
   try:
@@ -116,11 +122,13 @@ def read_table(path: str, required: Iterable[str] = ()) -> Table:
     lines = lines[keep]
   if rows:
     fields = list(zip(*rows))
-    columns = {h: np.array(f, dtype=str) for h, f in zip(header, fields)}
   else:
-    columns = {h: np.array([], dtype=str) for h in header}
-  if len(columns) != len(header):
+    fields = [()] * len(header)
+  if len(set(header)) != len(header):
     raise UserError(f"{path}: repeated column names in the header")
+  keep_column = set(required) if only_required else set(header)
+  columns = {h: np.array(f, dtype=str) for h, f in zip(header, fields)
+             if h in keep_column}
   return Table(path=path, header=header, columns=columns, lines=lines)
 
 
@@ -192,7 +200,7 @@ def names(table: Table, name: str) -> np.ndarray:
   col = np.char.strip(table[name])
   bad = ((np.char.str_len(col) == 0) | (col == ".") | (col == "..")
          | (np.char.find(col, "/") >= 0) | (np.char.find(col, "\\") >= 0)
-         | (np.char.find(col, ":") >= 0) | (np.char.find(col, "\0") >= 0))
+         | (np.char.find(col, ":") >= 0))
   if bad.any():
     i = int(np.argmax(bad))
     table.fail(i, name, str(table[name][i]),
@@ -209,3 +217,10 @@ def first_duplicate(keys: np.ndarray) -> int | None:
   seen = np.zeros(len(keys), dtype=bool)
   seen[first] = True
   return int(np.argmin(seen))
+
+
+def positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+  """For each query, the row of the equal key (keys unique), -1 if none."""
+  where = {k: i for i, k in enumerate(keys.tolist())}
+  return np.fromiter((where.get(q, -1) for q in queries.tolist()),
+                     dtype=np.int64, count=len(queries))
