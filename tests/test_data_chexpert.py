@@ -129,8 +129,7 @@ def test_bad_label_value_names_file_line_and_value(root, value):
   with pytest.raises(UserError) as e:
     chexpert.read(root, "train")
   msg = str(e.value)
-  assert "train.csv: line 3, column 'Lung Opacity'" in msg
-  assert repr(value) in msg
+  assert f"train.csv: line 3: Lung Opacity is {value!r}" in msg
 
 
 def test_missing_column_is_named(root):
@@ -147,7 +146,7 @@ def test_missing_column_is_named(root):
 def test_path_escaping_the_root_is_refused(root, bad):
   rows = [bad + TRAIN[0][TRAIN[0].index(","):]]
   _write(os.path.join(root, "CheXpert-v1.0-small", "train.csv"), HEADER, rows)
-  with pytest.raises(UserError, match=r"train.csv: line 2, column 'Path'"):
+  with pytest.raises(UserError, match=r"train.csv: line 2: Path is "):
     chexpert.read(root, "train")
 
 
@@ -167,7 +166,7 @@ def test_root_and_split_errors(tmp_path, root):
     chexpert.read(str(tmp_path / "other"), "train")
   with pytest.raises(UserError, match="'validation'"):
     chexpert.read(root, "validation")
-  with pytest.raises(UserError, match="test_labels.csv or test.csv"):
+  with pytest.raises(UserError, match=r"no test_labels.csv\[.gz\] or"):
     chexpert.read(root, "test")
 
 

@@ -25,11 +25,12 @@ folder is accepted and replaced by its parent.
 """
 
 import os
+import posixpath
 import re
 
 import numpy as np
 
-from medbridge_jax.data import csvfiles
+from medbridge_jax.data import csvio
 from medbridge_jax.data import index as index_lib
 from medbridge_jax.errors import UserError
 
@@ -71,7 +72,8 @@ def read(root: str, split: str = "train", *, views: str = "frontal",
   root, folder = _locate(root, folder)
   base = os.path.join(root, folder)
   if split == "all":
-    parts = [s for s in SPLIT_FILES if csvfiles.find(base, SPLIT_FILES[s])]
+    parts = [s for s in SPLIT_FILES
+             if any(csvio.exists(base, f) for f in SPLIT_FILES[s])]
     indexes = [_read_file(root, folder, s, views) for s in parts]
     return index_lib.Index(
         dataset=NAME, split="all", root=root,
@@ -107,32 +109,29 @@ def _locate(root: str, folder: str | None) -> tuple[str, str]:
 def _read_file(root: str, folder: str, split: str,
                views: str) -> index_lib.Index:
   base = os.path.join(root, folder)
-  path = csvfiles.find(base, SPLIT_FILES[split])
-  if path is None:
-    raise UserError(f"{base}: no {' or '.join(SPLIT_FILES[split])} (the "
-                    f"label file of CheXpert's {split!r} split)")
-  table = csvfiles.Table(path)
-  labels = np.stack([csvfiles.label_codes(table, n) for n in LABELS], axis=1)
-  raw_paths = table.column("Path")
-  frontal_lateral = (table.column("Frontal/Lateral")
-                     if table.has("Frontal/Lateral") else None)
+  table = csvio.read_table(csvio.find(base, *SPLIT_FILES[split]),
+                           required=("Path",) + LABELS)
+  labels = csvio.codes(table, LABELS)
+  has_view = "Frontal/Lateral" in table.header
   paths, patients, studies, keep = [], [], [], []
-  for i, value in enumerate(raw_paths):
-    rel = csvfiles.safe_relpath(table, i, "Path", value)
-    parts = rel.split("/")
+  for i, value in enumerate(table["Path"].tolist()):
+    parts = _relative(table, i, value).split("/")
     if parts[0] not in FOLDERS:
       parts.insert(0, folder)  # test_labels.csv: "test/patient.../..."
     patient = next((p for p in parts if _PATIENT.match(p)), None)
     study = next((p for p in parts if _STUDY.match(p)), None)
     if patient is None or study is None:
-      raise table.where(i, "Path", "no patientNNNNN/studyN in path", value)
-    view = (frontal_lateral[i].lower() if frontal_lateral is not None
-            else _view_from_name(parts[-1]))
-    if view not in ("frontal", "lateral"):
-      from_column = frontal_lateral is not None
-      raise table.where(i, "Frontal/Lateral" if from_column else "Path",
-                        "view is neither Frontal nor Lateral",
-                        frontal_lateral[i] if from_column else value)
+      table.fail(i, "Path", value, "a path with patientNNNNN/studyN/ in it")
+    if has_view:
+      view = str(table["Frontal/Lateral"][i]).strip().lower()
+      if view not in ("frontal", "lateral"):
+        table.fail(i, "Frontal/Lateral", str(table["Frontal/Lateral"][i]),
+                   "Frontal or Lateral")
+    else:
+      view = _view_from_name(parts[-1])
+      if view is None:
+        table.fail(i, "Path", value, "a file name ending in _frontal or "
+                   "_lateral (there is no Frontal/Lateral column)")
     if views != "all" and view != views:
       continue
     keep.append(i)
@@ -145,10 +144,23 @@ def _read_file(root: str, folder: str, split: str,
       labels=labels[np.asarray(keep, np.int64)])
 
 
-def _view_from_name(filename: str) -> str:
+def _relative(table: csvio.Table, i: int, value: str) -> str:
+  """A '/'-separated path relative to the root; refused if it escapes it."""
+  p = value.strip().replace("\\", "/")
+  if not p or p.startswith("/") or (len(p) > 1 and p[1] == ":"):
+    table.fail(i, "Path", value, "a path relative to the data set root")
+  if "/." in p or p.startswith(".") or "//" in p:
+    p = posixpath.normpath(p)
+    if p in (".", "..") or p.startswith("../"):
+      table.fail(i, "Path", value, "a path inside the data set root (it "
+                 "escapes it)")
+  return p
+
+
+def _view_from_name(filename: str) -> str | None:
   stem = filename.rsplit(".", 1)[0].lower()
   if stem.endswith("_frontal"):
     return "frontal"
   if stem.endswith("_lateral"):
     return "lateral"
-  return "unknown"
+  return None
