@@ -224,3 +224,13 @@ def positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
   where = {k: i for i, k in enumerate(keys.tolist())}
   return np.fromiter((where.get(q, -1) for q in queries.tolist()),
                      dtype=np.int64, count=len(queries))
+
+
+def first_seen(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Unique keys in order of first appearance, and each row's place there."""
+  unique, first, inverse = np.unique(keys, return_index=True,
+                                     return_inverse=True)
+  order = np.argsort(first, kind="stable")
+  rank = np.empty(len(order), np.int64)
+  rank[order] = np.arange(len(order))
+  return unique[order], rank[inverse.reshape(-1)]

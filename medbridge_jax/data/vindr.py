@@ -134,7 +134,7 @@ def _physionet(root: str, split: str, rule: str):
     if dup is not None:
       table.fail_row(dup, f"image {str(ids[dup])!r} has a second row and no "
                      "rad_id column tells the readers apart")
-  images, image_of_row = _first_seen(ids)
+  images, image_of_row = csvio.first_seen(ids)
   positives = np.zeros((len(images), len(LABELS)), np.int64)
   np.add.at(positives, image_of_row, votes.astype(np.int64))
   readers = np.bincount(image_of_row, minlength=len(images))
@@ -174,7 +174,7 @@ def _kaggle(root: str, rule: str):
   empty = np.char.str_len(rads) == 0
   if empty.any():
     table.fail(int(np.argmax(empty)), "rad_id", "", "a radiologist id")
-  images, image_of_row = _first_seen(ids)
+  images, image_of_row = csvio.first_seen(ids)
   _, rad_of_row = np.unique(rads, return_inverse=True)
   rad_of_row = rad_of_row.reshape(-1)
   num_rads = int(rad_of_row.max()) + 1 if len(rad_of_row) else 1
@@ -189,17 +189,6 @@ def _kaggle(root: str, rule: str):
       KAGGLE_LABELS)).reshape(len(images), len(KAGGLE_LABELS))
   codes = _aggregate(positives, readers, rule)
   return [(f"train/{i}.dicom", i) for i in images.tolist()], codes
-
-
-def _first_seen(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Unique ids in order of first appearance, and each row's position there.
-  """
-  unique, first, inverse = np.unique(ids, return_index=True,
-                                     return_inverse=True)
-  order = np.argsort(first, kind="stable")
-  rank = np.empty(len(order), np.int64)
-  rank[order] = np.arange(len(order))
-  return unique[order], rank[inverse.reshape(-1)]
 
 
 def _aggregate(positives: np.ndarray, readers: np.ndarray,
