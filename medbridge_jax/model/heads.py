@@ -1,0 +1,76 @@
+"""Per-expert linear heads: fused tokens -> per-label logits.
+
+An expert's fused tokens (B, T, P) live in the expert's image-text space:
+the frozen summary is the expert's own image feature (`VisionTower.pool`),
+and each query token is passed through the same frozen post-norm +
+projection (CLIP) or attention-pooling head (SigLIP) as a one-token
+sequence. Each token is scaled to unit RMS (the direction, as CLIP compares
+normalised features) and the head is linear over all of them:
+
+  logits[l] = sum_t <x_t / |x_t| * sqrt(P), W[t, :, l]> + b[l]
+
+Text initialisation: with normalised label-prompt embeddings e_pos, e_neg
+(L, 2, P) and the expert's logit scale s, W[t, :, l] = s (e_pos[l] -
+e_neg[l]) / (sqrt(P) T). Then every token contributes the zero-shot logit
+s (cos(x_t, e_pos) - cos(x_t, e_neg)) / T, and a model with only the summary
+token (queries off, global view) starts exactly at the expert's zero-shot
+classifier: sigmoid of that logit is the softmax over the prompt pair.
+Without text initialisation W starts at zero (big_vision's head init).
+"""
+
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def text_directions(prompt_embeddings, logit_scale: float) -> np.ndarray:
+  """(L, P) float32 rows s (e_pos - e_neg) from (L, 2, P) prompt embeddings."""
+  e = np.asarray(prompt_embeddings, np.float32)
+  if e.ndim != 3 or e.shape[1] != 2:
+    raise ValueError(f"prompt embeddings must be (L, 2, P); got {e.shape}")
+  return (float(logit_scale) * (e[:, 0] - e[:, 1])).astype(np.float32)
+
+
+def as_tuple(a: np.ndarray) -> Tuple:
+  """A hashable nested tuple of a 2-D array (linen attributes)."""
+  return tuple(tuple(float(v) for v in row) for row in np.asarray(a))
+
+
+def normalize(x: Array, eps: float = 1e-6) -> Array:
+  """x / |x| * sqrt(P) along the last axis (unit RMS)."""
+  p = x.shape[-1]
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) / p
+                           + eps)
+
+
+class Head(nn.Module):
+  """(B, T, P) tokens -> (B, L) float32 logits."""
+  num_labels: int
+  directions: Optional[Tuple] = None  # (L, P) text directions as tuples.
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    _, t, p = tokens.shape
+    l = self.num_labels
+
+    def kernel_init(key, shape, dtype=jnp.float32):
+      del key
+      if self.directions is None:
+        return jnp.zeros(shape, dtype)
+      d = jnp.asarray(self.directions, dtype)  # (L, P)
+      if d.shape != (l, p):
+        raise ValueError(f"text directions {d.shape} do not match "
+                         f"(labels, width) = {(l, p)}")
+      w = d.T / (math.sqrt(p) * t)
+      return jnp.broadcast_to(w[None], shape).astype(dtype)
+
+    kernel = self.param("kernel", kernel_init, (t, p, l))
+    bias = self.param("bias", nn.initializers.zeros, (l,))
+    x = normalize(jnp.asarray(tokens, jnp.float32))
+    return jnp.einsum("btp,tpl->bl", x, kernel) + bias
