@@ -7,6 +7,7 @@ safetensors' numpy backend (no torch). Pickle checkpoints (`*.bin`) are
 refused: unpickling can run arbitrary code.
 """
 
+import contextlib
 import json
 import os
 from typing import Dict, Optional, Tuple
@@ -41,6 +42,18 @@ def read_json(path: str, what: str) -> dict:
   return data
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+  """Mutes transformers' warnings about its own default sub-configs."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  level = transformers.logging.get_verbosity()
+  transformers.logging.set_verbosity_error()
+  try:
+    yield transformers
+  finally:
+    transformers.logging.set_verbosity(level)
+
+
 def _side(value, key: str, path: str) -> int:
   """A square side from an int or an (h, w) pair."""
   if isinstance(value, (list, tuple)):
@@ -64,13 +77,13 @@ def parse_config(raw: dict, path: str) -> Tuple[VisionConfig, TextConfig]:
                     f"expected 'clip' or 'siglip'")
   # transformers' config classes fill in their defaults for keys a
   # published config.json leaves out; they need no torch.
-  import transformers  # pylint: disable=g-import-not-at-top
-  cls = (transformers.CLIPConfig if model_type == "clip"
-         else transformers.SiglipConfig)
-  try:
-    cfg = cls.from_dict(raw)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"invalid {model_type} config {path}: {e}") from None
+  with quiet_transformers() as transformers:
+    cls = (transformers.CLIPConfig if model_type == "clip"
+           else transformers.SiglipConfig)
+    try:
+      cfg = cls.from_dict(raw)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"invalid {model_type} config {path}: {e}") from None
   v, t = cfg.vision_config, cfg.text_config
   cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if model_type == "clip":

@@ -28,6 +28,7 @@ import numpy as np
 
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import hf_names
+from medbridge_jax.experts import loader
 from medbridge_jax.experts.expert import FAMILY_MEAN_STD
 from medbridge_jax.experts.text import TextConfig, TextTower
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
@@ -122,7 +123,7 @@ def clip_vocab() -> Dict[str, int]:
   return {t: i for i, t in enumerate(tokens)}
 
 
-def _write_clip_tokenizer(path: str, max_length: int) -> Dict[str, int]:
+def write_clip_tokenizer(path: str, max_length: int) -> Dict[str, int]:
   vocab = clip_vocab()
   _write_json(os.path.join(path, "vocab.json"), vocab)
   with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
@@ -160,7 +161,7 @@ def train_spiece(vocab_size: int = 256) -> bytes:
   return buf.getvalue()
 
 
-def _write_siglip_tokenizer(path: str, max_length: int) -> Dict[str, int]:
+def write_siglip_tokenizer(path: str, max_length: int) -> Dict[str, int]:
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   model = train_spiece()
   with open(os.path.join(path, "spiece.model"), "wb") as f:
@@ -195,21 +196,44 @@ def tower_configs(family: str, v: Dict[str, int], vocab_size: int,
   return vision, text
 
 
+def _init_leaf(rng: np.random.Generator, path: Tuple[str, ...],
+               shape: Tuple[int, ...]) -> np.ndarray:
+  """A ViT-style random value for one param, chosen by its name."""
+  name = path[-1]
+  if name == "scale":  # LayerNorm.
+    return np.ones(shape, np.float32)
+  if name == "bias":
+    return np.zeros(shape, np.float32)
+  if name == "kernel":  # Dense (in, out) or conv (kh, kw, in, out).
+    fan_in = int(np.prod(shape[:-1]))
+    return rng.normal(0.0, fan_in ** -0.5, shape).astype(np.float32)
+  # Embeddings, class token, position tables, SigLIP probe.
+  return rng.normal(0.0, 0.02, shape).astype(np.float32)
+
+
 def init_params(vision: VisionConfig, text: TextConfig, seed: int) -> dict:
-  """Random float32 params in our layout (deterministic by seed)."""
-  kv, kt = jax.random.split(jax.random.PRNGKey(seed))
+  """Random float32 params in our layout, deterministic by seed.
+
+  The structure comes from the towers themselves (traced, not compiled);
+  the values from numpy's PCG64, identical on every platform.
+  """
+  key = jax.random.PRNGKey(0)
   px = jnp.zeros((1, vision.image_size, vision.image_size, 3), jnp.float32)
   ids = jnp.zeros((1, text.max_length), jnp.int32)
-  params = {
-      "vision": jax.jit(VisionTower(vision).init)(kv, px)["params"],
-      "text": jax.jit(TextTower(text).init)(kt, ids)["params"],
+  shapes = {
+      "vision": jax.eval_shape(VisionTower(vision).init, key, px)["params"],
+      "text": jax.eval_shape(TextTower(text).init, key, ids)["params"],
   }
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: _init_leaf(rng, tuple(k.key for k in path), s.shape),
+      shapes)
   if vision.family == "clip":
     params["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)
   else:
     params["logit_scale"] = np.asarray([np.log(10.0)], np.float32)
     params["logit_bias"] = np.asarray([-10.0], np.float32)
-  return jax.tree.map(np.asarray, params)
+  return params
 
 
 def _hf_config(family: str, v: Dict[str, int], vision: VisionConfig,
@@ -281,9 +305,9 @@ def write(path: str, spec: str, seed: int = 0) -> str:
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
   try:
     if family == "clip":
-      tok = _write_clip_tokenizer(tmp, v["text_len"])
+      tok = write_clip_tokenizer(tmp, v["text_len"])
     else:
-      tok = _write_siglip_tokenizer(tmp, v["text_len"])
+      tok = write_siglip_tokenizer(tmp, v["text_len"])
     vision, text = tower_configs(family, v, tok["vocab_size"], tok["eos"])
     params = init_params(vision, text, seed)
     tensors = hf_names.from_params(params, hf_names.all_entries(vision, text))
@@ -291,7 +315,8 @@ def write(path: str, spec: str, seed: int = 0) -> str:
               metadata={"format": "pt"})
     _write_json(os.path.join(tmp, "preprocessor_config.json"),
                 _preprocessor_config(family, v["image"]))
-    _hf_config(family, v, vision, text, tok).save_pretrained(tmp)
+    with loader.quiet_transformers():
+      _hf_config(family, v, vision, text, tok).save_pretrained(tmp)
     if not os.path.exists(path):
       os.rename(tmp, path)
     else:
