@@ -120,15 +120,13 @@ def read_table(path: str, required: Iterable[str] = (),
   if not keep.all():
     rows = [r for r, k in zip(rows, keep) if k]
     lines = lines[keep]
-  if rows:
-    fields = list(zip(*rows))
-  else:
-    fields = [()] * len(header)
   if len(set(header)) != len(header):
     raise UserError(f"{path}: repeated column names in the header")
   keep_column = set(required) if only_required else set(header)
-  columns = {h: np.array(f, dtype=str) for h, f in zip(header, fields)
-             if h in keep_column}
+  # One list per kept column: zip(*rows) would transpose every column and is
+  # slow with hundreds of thousands of rows as arguments.
+  columns = {h: np.array([r[j] for r in rows], dtype=str)
+             for j, h in enumerate(header) if h in keep_column}
   return Table(path=path, header=header, columns=columns, lines=lines)
 
 
@@ -158,8 +156,22 @@ def codes(table: Table, names: Sequence[str],
   out = np.empty((len(table), len(names)), dtype=np.float32)
   expected = ", ".join(f"{a:g}" for a in allowed) + (" or blank" if blank
                                                       else "")
+  spellings = {f"{a:g}": a for a in allowed}
+  spellings.update({f"{a:.1f}": a for a in allowed})
+  if blank:
+    spellings[""] = np.nan
   for j, name in enumerate(names):
-    values, inverse = np.unique(table[name], return_inverse=True)
+    column = table[name]
+    # Fast path: a few vectorised comparisons with the usual spellings.
+    out[:, j] = np.nan
+    seen = np.zeros(len(column), bool)
+    for text, code in spellings.items():
+      hit = column == text
+      out[hit, j] = code
+      seen |= hit
+    if seen.all():
+      continue
+    values, inverse = np.unique(column, return_inverse=True)
     mapped = np.empty(len(values), dtype=np.float32)
     for k, v in enumerate(values):
       code = _code(v, allowed, blank)
@@ -211,9 +223,9 @@ def names(table: Table, name: str) -> np.ndarray:
 
 def first_duplicate(keys: np.ndarray) -> int | None:
   """The row of the first repeat of an earlier key, or None."""
-  _, first = np.unique(keys, return_index=True)
-  if len(first) == len(keys):
+  if len(set(keys.tolist())) == len(keys):  # fast common case
     return None
+  _, first = np.unique(keys, return_index=True)
   seen = np.zeros(len(keys), dtype=bool)
   seen[first] = True
   return int(np.argmin(seen))
