@@ -1,0 +1,287 @@
+"""The synthetic chest X-ray generator: findings, labels, layout, caching."""
+
+import csv
+import dataclasses
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from medbridge_jax.data import chexpert
+from medbridge_jax.data import registry
+from medbridge_jax.data import synthetic
+from medbridge_jax.errors import UserError
+
+SIZE = 256
+
+
+def _pool(a, k):
+  n = a.shape[0] // k * k
+  return a[:n, :n].reshape(n // k, k, n // k, k).mean(axis=(1, 3))
+
+
+def _auroc(pos, neg):
+  pos, neg = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+  return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def _nodule_filter(img):
+  """Matched filter for a sharp 3.5 px disk: disk mean minus thin ring mean."""
+  yy, xx = np.mgrid[-5:6, -5:6]
+  d = np.hypot(yy, xx)
+  disk, ring = d <= 1.75, (d > 2.25) & (d <= 4.25)
+  kernel = disk / disk.sum() - ring / ring.sum()
+  return ndimage.correlate(img.astype(np.float64), kernel, mode="nearest")
+
+
+def _cell_filter(img):
+  """The best detector of a one-pixel spot: the pixel minus its 8 neighbours."""
+  kernel = -np.ones((3, 3)) / 8
+  kernel[1, 1] = 1
+  return ndimage.correlate(img.astype(np.float64), kernel, mode="nearest")
+
+
+def _jpeg(img01):
+  buf = io.BytesIO()
+  Image.fromarray(synthetic.to_uint8(img01), "L").save(buf, "JPEG",
+                                                        quality=95)
+  return np.asarray(Image.open(buf), np.float32) / 255
+
+
+def _nodule_pairs(variant, count=20):
+  """(with nodules, same image without, lung mask) for patients with nodules."""
+  out, pid = [], 0
+  while len(out) < count:
+    pid += 1
+    patient = synthetic.draw_patient(0, pid, variant)
+    if not patient.nodules:
+      continue
+    study = synthetic.draw_study(patient, 0, 0, variant)
+    img, geo = synthetic.render(patient, study, SIZE, variant)
+    img0, _ = synthetic.render(
+        patient, dataclasses.replace(study, show_nodules=False), SIZE, variant)
+    assert np.abs(img - img0).max() > 0.1  # the only difference: nodules
+    out.append((img, img0, ndimage.binary_erosion(geo["lungs"], iterations=4)))
+  return out
+
+
+@pytest.mark.parametrize("variant", synthetic.VARIANTS)
+def test_nodules_are_found_at_full_resolution_but_not_after_pooling(variant):
+  """Scan the lungs with a matched filter: does an image contain a nodule?
+
+  At 256 px the strongest response separates images with nodules from the
+  same images without them; after 4x or 5x average pooling (the experts'
+  64 / 51 px view) the best one-pixel-spot detector is near chance.
+  """
+  pairs = _nodule_pairs(variant)
+  auc = {}
+  for k in (1, 4, 5):
+    pos, neg = [], []
+    for img, img0, lung in pairs:
+      if k == 1:
+        m1, m0, mask = _nodule_filter(img), _nodule_filter(img0), lung
+        if variant == "chexpert":  # as written to disk
+          m1, m0 = _nodule_filter(_jpeg(img)), _nodule_filter(_jpeg(img0))
+      else:
+        m1, m0 = _cell_filter(_pool(img, k)), _cell_filter(_pool(img0, k))
+        mask = _pool(lung.astype(float), k) > 0.99
+      pos.append(m1[mask].max())
+      neg.append(m0[mask].max())
+    auc[k] = _auroc(pos, neg)
+  # NIH's look (blur, more noise, compressed contrast) costs some of it.
+  assert auc[1] >= (0.95 if variant == "chexpert" else 0.9), auc
+  assert auc[4] <= 0.7 and auc[5] <= 0.65, auc
+
+
+def test_pleural_line_contrast_drops_below_clutter_after_pooling():
+  """Line contrast over pixel-level clutter: high at 256 px, gone at 64."""
+  cnr = {1: [], 4: []}
+  for pid in range(1, 13):
+    patient = synthetic.draw_patient(0, pid)
+    study = synthetic.draw_study(patient, 0, 0)
+    rng = np.random.default_rng(pid)
+    ptx = (int(rng.choice([-1, 1])), rng.uniform(0.018, 0.05),
+           rng.uniform(0.35, 0.7), rng.uniform(0.22, 0.32),
+           rng.uniform(1.0, 1.6))
+    img, geo = synthetic.render(
+        patient, dataclasses.replace(study, pneumothorax=ptx), SIZE)
+    img0, _ = synthetic.render(
+        patient, dataclasses.replace(study, pneumothorax=()), SIZE)
+    assert geo["pleural_line"].sum() > 30
+    for k in cnr:
+      a, a0 = (img, img0) if k == 1 else (_pool(img, k), _pool(img0, k))
+      line = (geo["pleural_line"] if k == 1
+              else _pool(geo["pleural_line"].astype(float), k) > 0.2)
+      near = ndimage.binary_dilation(line, iterations=2) & ~(
+          ndimage.binary_dilation(line, iterations=1))
+      lung = (geo["lungs"] if k == 1
+              else _pool(geo["lungs"].astype(float), k) > 0.99)
+      clutter = (a0 - ndimage.uniform_filter(a0, 3))[lung].std()
+      cnr[k].append((a[line].mean() - a[near].mean()) / clutter)
+  assert np.median(cnr[1]) > 6 and min(cnr[1]) > 3, cnr[1]
+  assert np.median(cnr[4]) < 1.0, cnr[4]
+
+
+def _changed_pixels(img, img0, k=4):
+  """64 px pixels changed by more than the pixel-level clutter there."""
+  a, a0 = _pool(img, k), _pool(img0, k)
+  clutter = (a0 - ndimage.uniform_filter(a0, 3)).std()
+  return int((np.abs(a - a0) > clutter).sum())
+
+
+def test_global_findings_change_much_of_the_64px_view_focal_ones_do_not():
+  patient = next(p for p in (synthetic.draw_patient(0, i) for i in range(1, 99))
+                 if not p.cardiomegaly and p.nodules)
+  study = dataclasses.replace(
+      synthetic.draw_study(patient, 0, 0), effusion=(), edema=0.0,
+      pneumothorax=(), show_nodules=False)
+  base, _ = synthetic.render(patient, study)
+  big_heart = dataclasses.replace(patient, ctr=0.6, cardiomegaly=True)
+  changes = {
+      "Cardiomegaly": synthetic.render(big_heart, study)[0],
+      "Pleural Effusion": synthetic.render(
+          patient, dataclasses.replace(study, effusion=((-1, 0.08),)))[0],
+      "Edema": synthetic.render(
+          patient, dataclasses.replace(study, edema=0.5))[0],
+      "Lung Lesion": synthetic.render(
+          patient, dataclasses.replace(study, show_nodules=True))[0],
+  }
+  counts = {n: _changed_pixels(img, base) for n, img in changes.items()}
+  for name in synthetic.GLOBAL_LABELS:
+    assert counts[name] >= 40, counts
+  assert counts["Lung Lesion"] <= 4 * len(patient.nodules), counts
+
+
+def test_label_groups():
+  assert set(synthetic.GLOBAL_LABELS) == {"Cardiomegaly", "Edema",
+                                          "Pleural Effusion"}
+  assert set(synthetic.FOCAL_LABELS) == {"Lung Lesion", "Pneumothorax"}
+  assert synthetic.label_names("nih") == ("Cardiomegaly", "Edema", "Effusion",
+                                          "Nodule", "Pneumothorax")
+  assert synthetic.LABEL_GROUPS["Nodule"] == "focal"
+  assert synthetic.LABEL_GROUPS["Effusion"] == "global"
+  assert set(synthetic.LABELS) <= set(chexpert.LABELS)
+
+
+def test_prevalence_and_co_occurrence():
+  truth = []
+  for pid in range(1, 1501):
+    patient = synthetic.draw_patient(3, pid)
+    study = synthetic.draw_study(patient, 3, 0)
+    truth.append([study.truth[n] is not None for n in synthetic.LABELS])
+  truth = np.array(truth)
+  prevalence = dict(zip(synthetic.LABELS, truth.mean(axis=0)))
+  for name, (lo, hi) in {"Cardiomegaly": (0.09, 0.2), "Edema": (0.07, 0.22),
+                         "Pleural Effusion": (0.15, 0.3),
+                         "Lung Lesion": (0.06, 0.16),
+                         "Pneumothorax": (0.05, 0.14)}.items():
+    assert lo < prevalence[name] < hi, prevalence
+  cardio, effusion = truth[:, 0], truth[:, 2]
+  assert effusion[cardio].mean() > 2 * effusion[~cardio].mean()
+
+
+def test_rendering_is_deterministic_and_seeded():
+  p = synthetic.draw_patient(5, 7)
+  a, _ = synthetic.render(p, synthetic.draw_study(p, 5, 1), 128)
+  b, _ = synthetic.render(synthetic.draw_patient(5, 7),
+                          synthetic.draw_study(p, 5, 1), 128)
+  np.testing.assert_array_equal(a, b)
+  q = synthetic.draw_patient(6, 7)
+  c, _ = synthetic.render(q, synthetic.draw_study(q, 6, 1), 128)
+  assert np.abs(a - c).mean() > 0.01
+  assert a.dtype == np.float32 and a.shape == (128, 128)
+  assert 0 <= a.min() and a.max() <= 1
+
+
+def test_studies_of_a_patient_share_anatomy():
+  p = synthetic.draw_patient(0, 3)
+  s0, s1 = synthetic.draw_study(p, 0, 0), synthetic.draw_study(p, 0, 1)
+  assert s0.seed != s1.seed
+  other = synthetic.draw_patient(0, 4)
+  a = _pool(synthetic.render(p, s0, 128)[0], 8)
+  b = _pool(synthetic.render(p, s1, 128)[0], 8)
+  c = _pool(synthetic.render(other, synthetic.draw_study(other, 0, 0), 128)[0],
+            8)
+  assert np.abs(a - b).mean() < np.abs(a - c).mean()
+
+
+@pytest.fixture(scope="module")
+def chexpert_root(tmp_path_factory):
+  return synthetic.ensure(str(tmp_path_factory.mktemp("cache")), 40, seed=1,
+                          variant="chexpert", image_size=128)
+
+
+def test_chexpert_layout(chexpert_root):
+  base = os.path.join(chexpert_root, "CheXpert-v1.0-small")
+  for split in ("train", "valid"):
+    with open(os.path.join(base, f"{split}.csv")) as f:
+      rows = list(csv.reader(f))
+    assert tuple(rows[0]) == chexpert.HEADER
+    for row in rows[1:]:
+      assert row[0].startswith(f"CheXpert-v1.0-small/{split}/patient")
+      assert row[0].endswith("/view1_frontal.jpg")
+      assert row[3] == "Frontal" and row[4] in ("AP", "PA")
+      for name in chexpert.LABELS:
+        value = row[chexpert.HEADER.index(name)]
+        if name not in synthetic.LABELS and name != "No Finding":
+          assert value == ""
+  train = chexpert.read(chexpert_root, "train")
+  valid = chexpert.read(chexpert_root, "valid")
+  assert not set(train.patients) & set(valid.patients)
+  assert len(set(valid.patients)) == 6  # 15% of 40
+  studies = {}
+  for s in train.studies + valid.studies:
+    studies.setdefault(s.split("/")[0], set()).add(s)
+  assert {len(v) for v in studies.values()} <= {1, 2, 3, 4}
+  assert len({len(v) for v in studies.values()}) >= 2
+  with Image.open(os.path.join(chexpert_root, train.paths[0])) as img:
+    assert img.format == "JPEG" and img.mode == "L" and img.size == (128, 128)
+
+
+def test_labels_as_written(chexpert_root):
+  train = synthetic.read(chexpert_root, "train")
+  valid = registry.read_index("synthetic", chexpert_root, "valid")
+  assert train.dataset == "synthetic" and train.label_names == synthetic.LABELS
+  codes = set(np.unique(train.labels[~np.isnan(train.labels)]).tolist())
+  assert codes == {-1.0, 0.0, 1.0} and np.isnan(train.labels).any()
+  assert not np.isnan(valid.labels).any()
+  assert set(np.unique(valid.labels).tolist()) == {0.0, 1.0}
+  # Written labels agree with the generator's truth.
+  for i, path in enumerate(valid.paths):
+    pid = int(path.split("/patient")[1].split("/")[0])
+    k = int(path.split("/study")[1].split("/")[0]) - 1
+    patient = synthetic.draw_patient(1, pid)
+    study = synthetic.draw_study(patient, 1, k)
+    want = [study.truth[n] is not None for n in synthetic.LABELS]
+    np.testing.assert_array_equal(valid.labels[i], want)
+
+
+def test_ensure_reuses_and_keys_by_parameters(chexpert_root, tmp_path):
+  cache = os.path.dirname(chexpert_root)
+  marker = os.path.join(chexpert_root, ".complete")
+  stamp = os.stat(marker).st_mtime_ns
+  assert synthetic.ensure(cache, 40, 1, "chexpert", 128) == chexpert_root
+  assert os.stat(marker).st_mtime_ns == stamp
+  assert not [n for n in os.listdir(cache) if "partial" in n]
+  other = synthetic.ensure(str(tmp_path), 4, 2, "chexpert", 64)
+  assert other != chexpert_root and "p4-s2-64px" in other
+  with pytest.raises(UserError, match="variant"):
+    synthetic.ensure(str(tmp_path), 4, 2, "mimic", 64)
+  with pytest.raises(UserError, match="num_patients"):
+    synthetic.ensure(str(tmp_path), 1, 2, "chexpert", 64)
+
+
+def test_generation_is_deterministic(tmp_path):
+  a = synthetic.ensure(str(tmp_path / "a"), 3, 4, "chexpert", 64)
+  b = synthetic.ensure(str(tmp_path / "b"), 3, 4, "chexpert", 64)
+  files = lambda r: sorted(os.path.relpath(os.path.join(d, f), r)
+                           for d, _, fs in os.walk(r) for f in fs)
+  assert files(a) == files(b)
+  for rel in files(a):
+    if rel != ".complete":
+      with open(os.path.join(a, rel), "rb") as fa, open(
+          os.path.join(b, rel), "rb") as fb:
+        assert fa.read() == fb.read(), rel
