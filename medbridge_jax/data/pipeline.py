@@ -1,0 +1,371 @@
+"""grain input pipelines: an `Index` to batches of images, targets and masks.
+
+Training (`train_batches`): this host's rows, shuffled by seed and reshuffled
+every epoch, repeating, lightly augmented, in fixed-size batches
+
+  dict(image=uint8 (B, H, W), targets=float32 (B, L), mask=float32 (B, L)).
+
+The iterator is deterministic given the seed and resumes exactly from
+`get_state()` (a JSON-able dict) through `set_state()`.
+
+Evaluation (`eval_batches`): one ordered pass over this host's rows; the
+last batch is padded, `valid` (B,) marks real rows and `row` (B,) gives
+their row in the index (-1 for padding). Every host yields the same number
+of batches, so collective evaluation steps never wait for a host that ran
+out.
+
+Hosts: host p of P reads rows p, p + P, p + 2P, ... (`shard`, default
+`jax.process_index()`, `jax.process_count()`); `B` is the host-local batch.
+`to_global` turns a host-local batch into global jax arrays sharded over the
+mesh axis "data".
+
+Decoding runs in grain's reader threads, or in `num_workers` worker
+processes. A missing or corrupt image never yields a wrong label: with
+`on_bad_image="error"` it raises the `UserError` naming the file; with
+"skip" its row (image and labels) is dropped, counted in `.skipped` and
+listed in `.skipped_paths` (first 100). Both decisions are taken in the main
+process, so they hold with worker processes too.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+from PIL import Image
+
+from medbridge_jax.data import images
+from medbridge_jax.data import index as index_lib
+from medbridge_jax.data import labels as labels_lib
+from medbridge_jax.errors import UserError
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+_KEEP_PATHS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Light training augmentation: small shift and scale, contrast/brightness.
+
+  No flips or large rotations: left and right matter in a chest X-ray.
+  """
+  max_shift: float = 0.03  # fraction of the side
+  max_scale: float = 0.05  # zoom in or out by up to 5%
+  max_contrast: float = 0.15  # multiply deviations from the mean by 1 +- this
+  max_brightness: float = 0.05  # add up to this fraction of full scale
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator
+               ) -> np.ndarray:
+    h, w = image.shape
+    s = 1.0 + rng.uniform(-self.max_scale, self.max_scale)
+    tx, ty = rng.uniform(-self.max_shift, self.max_shift, 2) * (w, h)
+    cx, cy = w / 2, h / 2
+    # Output pixel (x, y) samples input ((x - cx) / s + cx - tx, ...).
+    warped = Image.fromarray(image, "L").transform(
+        (w, h), Image.Transform.AFFINE,
+        (1 / s, 0, cx - cx / s - tx, 0, 1 / s, cy - cy / s - ty),
+        resample=Image.Resampling.BICUBIC, fillcolor=0)
+    x = np.asarray(warped, np.float32)
+    c = 1.0 + rng.uniform(-self.max_contrast, self.max_contrast)
+    b = 255.0 * rng.uniform(-self.max_brightness, self.max_brightness)
+    x = (x - x.mean()) * c + x.mean() + b
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class _Source:
+  """grain random-access source: row i of the host's rows, decoded.
+
+  A bad image gives an element with a non-empty "error" instead of raising,
+  so the decision (raise or skip) is taken in the main process.
+  """
+
+  def __init__(self, index: index_lib.Index, rows: np.ndarray,
+               targets: np.ndarray, mask: np.ndarray, image_size: int):
+    self._root = index.root
+    self._paths = [index.paths[r] for r in rows]
+    self._rows = np.asarray(rows, np.int64)
+    self._targets = targets[self._rows]
+    self._mask = mask[self._rows]
+    self._size = image_size
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    path = os.path.join(self._root, self._paths[i])
+    try:
+      image = images.read_image(path, self._size)
+      error = ""
+    except UserError as e:
+      image, error = np.zeros((self._size, self._size), np.uint8), str(e)
+    return dict(image=image, targets=self._targets[i], mask=self._mask[i],
+                row=self._rows[i], error=error)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RandomAugment:
+  augment: Augment
+
+  def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+    if not element["error"]:
+      element = dict(element, image=self.augment(element["image"], rng))
+    return element
+
+
+class _BadImages:
+  """Main-process filter: raises on or counts (and drops) bad images."""
+
+  def __init__(self, policy: str):
+    self.policy = policy
+    self.count = 0
+    self.paths: list[str] = []
+
+  def __call__(self, element: dict) -> bool:
+    if not element["error"]:
+      return True
+    if self.policy == "error":
+      raise UserError(element["error"])
+    self.count += 1
+    if len(self.paths) < _KEEP_PATHS:
+      self.paths.append(element["error"])
+    return False
+
+
+def _strip(element: dict) -> dict:
+  return {k: element[k] for k in ("image", "targets", "mask")}
+
+
+def _check(index, image_size, on_bad_image, num_workers, batch_size):
+  if on_bad_image not in BAD_IMAGE_POLICIES:
+    raise UserError(f"on_bad_image {on_bad_image!r} is not one of "
+                    f"{BAD_IMAGE_POLICIES}")
+  if batch_size < 1:
+    raise UserError(f"batch size must be positive, got {batch_size}")
+  if num_workers < 0:
+    raise UserError(f"num_workers must be >= 0, got {num_workers}")
+  if image_size < 1:
+    raise UserError(f"image size must be positive, got {image_size}")
+  if not len(index):
+    raise UserError(f"{index.dataset} split {index.split!r} has no images")
+
+
+def _host_rows(n: int, shard: tuple[int, int] | None) -> np.ndarray:
+  if shard is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard = (jax.process_index(), jax.process_count())
+  p, count = shard
+  if not 0 <= p < count:
+    raise ValueError(f"shard {shard}: need 0 <= index < count")
+  return np.arange(p, n, count, dtype=np.int64)
+
+
+def _read_options(num_workers: int, buffer: int) -> grain.ReadOptions:
+  threads = max(1, min(4, os.cpu_count() or 1)) if num_workers == 0 else 1
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(threads, buffer))
+
+
+def local_batch_size(global_batch_size: int,
+                     process_count: int | None = None) -> int:
+  """This host's share of a global batch; UserError if it does not divide."""
+  if process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise UserError(f"batch size {global_batch_size} is not divisible by the "
+                    f"{process_count} hosts")
+  return global_batch_size // process_count
+
+
+class TrainBatches:
+  """Endless, shuffled, augmented batches; resumable (see module doc)."""
+
+  def __init__(self, dataset: grain.IterDataset, bad: _BadImages):
+    self._bad = bad
+    self._it = iter(dataset)
+
+  def __iter__(self) -> "TrainBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  @property
+  def skipped(self) -> int:
+    """Bad images skipped so far (their rows were dropped)."""
+    return self._bad.count
+
+  @property
+  def skipped_paths(self) -> list[str]:
+    """Messages naming the first skipped files."""
+    return list(self._bad.paths)
+
+  def get_state(self) -> dict:
+    return {"grain": self._it.get_state(), "skipped": self._bad.count,
+            "skipped_paths": list(self._bad.paths)}
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state["grain"])
+    self._bad.count = int(state["skipped"])
+    self._bad.paths = list(state["skipped_paths"])
+
+  def close(self) -> None:
+    """Stops worker processes, if any."""
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
+                  image_size: int, uncertain_policy: str = "ignore",
+                  blank_policy: str = "zeros",
+                  available: np.ndarray | None = None, augment: bool = True,
+                  on_bad_image: str = "error", num_workers: int = 0,
+                  shard: tuple[int, int] | None = None) -> TrainBatches:
+  """Training batches of this host's rows (see module doc).
+
+  Args:
+    index: the training split.
+    batch_size: host-local batch size (see `local_batch_size`).
+    seed: shuffle and augmentation seed; the same seed, the same batches.
+    image_size: side of the decoded square images.
+    uncertain_policy, blank_policy, available: see `labels.targets`.
+    augment: apply `Augment()`.
+    on_bad_image: "error" | "skip".
+    num_workers: grain worker processes (0 = threads of this process).
+    shard: (host index, host count); default from jax.
+  """
+  _check(index, image_size, on_bad_image, num_workers, batch_size)
+  targets, mask = labels_lib.targets(index.labels, uncertain_policy,
+                                     blank_policy, available)
+  rows = _host_rows(len(index), shard)
+  if not len(rows):
+    raise UserError(f"{index.dataset} split {index.split!r} has fewer images "
+                    f"({len(index)}) than hosts")
+  ds = grain.MapDataset.source(
+      _Source(index, rows, targets, mask, image_size))
+  # Shuffle before repeat: every epoch is a new permutation of the rows.
+  ds = ds.shuffle(seed=seed % 2**32).repeat()
+  if augment:
+    ds = ds.random_map(_RandomAugment(Augment()), seed=(seed + 1) % 2**32)
+  it = ds.to_iter_dataset(_read_options(num_workers, 2 * batch_size))
+  if num_workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  bad = _BadImages(on_bad_image)
+  it = it.filter(bad).map(_strip).batch(batch_size, drop_remainder=True)
+  return TrainBatches(it, bad)
+
+
+class EvalBatches:
+  """One ordered, padded pass per iteration (see module doc)."""
+
+  def __init__(self, dataset: grain.IterDataset, bad: _BadImages,
+               num_batches: int, batch_size: int, image_size: int,
+               num_labels: int):
+    self._dataset = dataset
+    self._bad = bad
+    self._num_batches = num_batches
+    self._batch_size = batch_size
+    self._size = image_size
+    self._num_labels = num_labels
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  @property
+  def skipped(self) -> int:
+    """Bad images skipped in the passes so far (their rows were dropped)."""
+    return self._bad.count
+
+  @property
+  def skipped_paths(self) -> list[str]:
+    return list(self._bad.paths)
+
+  def _empty(self) -> dict[str, np.ndarray]:
+    b, s, l = self._batch_size, self._size, self._num_labels
+    return dict(image=np.zeros((b, s, s), np.uint8),
+                targets=np.zeros((b, l), np.float32),
+                mask=np.zeros((b, l), np.float32),
+                valid=np.zeros((b,), np.float32),
+                row=np.full((b,), -1, np.int32))
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    batch, filled, done = self._empty(), 0, 0
+    for element in self._dataset:
+      for key in ("image", "targets", "mask", "row"):
+        batch[key][filled] = element[key]
+      batch["valid"][filled] = 1.0
+      filled += 1
+      if filled == self._batch_size:
+        yield batch
+        batch, filled, done = self._empty(), 0, done + 1
+    if filled:
+      yield batch
+      done += 1
+    for _ in range(done, self._num_batches):  # other hosts have more rows
+      yield self._empty()
+
+
+def eval_batches(index: index_lib.Index, *, batch_size: int, image_size: int,
+                 uncertain_policy: str = "ignore", blank_policy: str = "zeros",
+                 available: np.ndarray | None = None,
+                 on_bad_image: str = "error", num_workers: int = 0,
+                 shard: tuple[int, int] | None = None) -> EvalBatches:
+  """Evaluation batches of this host's rows, padded (see module doc).
+
+  Batches add `valid` float32 (B,) and `row` int32 (B,) to the training keys.
+  """
+  _check(index, image_size, on_bad_image, num_workers, batch_size)
+  targets, mask = labels_lib.targets(index.labels, uncertain_policy,
+                                     blank_policy, available)
+  rows = _host_rows(len(index), shard)
+  count = shard[1] if shard is not None else None
+  if count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    count = jax.process_count()
+  largest_shard = math.ceil(len(index) / count)
+  num_batches = math.ceil(largest_shard / batch_size)
+  ds = grain.MapDataset.source(
+      _Source(index, rows, targets, mask, image_size))
+  it = ds.to_iter_dataset(_read_options(num_workers, 2 * batch_size))
+  if num_workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  bad = _BadImages(on_bad_image)
+  return EvalBatches(it.filter(bad), bad, num_batches, batch_size, image_size,
+                     len(index.label_names))
+
+
+def to_global(batch: dict[str, np.ndarray], mesh, axis: str = "data"
+              ) -> dict[str, Any]:
+  """Host-local numpy batch -> global jax arrays, rows sharded over `axis`.
+
+  The global batch is the hosts' local batches stacked in host order; each
+  host's rows live on its own devices.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  sharding = jax.sharding.NamedSharding(mesh,
+                                        jax.sharding.PartitionSpec(axis))
+  local_devices = sum(1 for d in mesh.devices.flat
+                      if d.process_index == jax.process_index())
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.shape[0] % max(1, local_devices):
+      raise UserError(
+          f"host batch of {value.shape[0]} rows does not split over this "
+          f"host's {local_devices} devices; choose a batch size divisible by "
+          "the number of devices")
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def options_from_config(data_config) -> dict[str, Any]:
+  """Keyword arguments of `train_batches` / `eval_batches` from `config.data`."""
+  return dict(image_size=int(data_config.image_size),
+              uncertain_policy=data_config.uncertain_policy,
+              blank_policy=data_config.blank_policy,
+              on_bad_image=data_config.on_bad_image,
+              num_workers=int(data_config.num_workers))
+
