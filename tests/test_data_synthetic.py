@@ -285,3 +285,37 @@ def test_generation_is_deterministic(tmp_path):
       with open(os.path.join(a, rel), "rb") as fa, open(
           os.path.join(b, rel), "rb") as fb:
         assert fa.read() == fb.read(), rel
+
+
+def test_nih_variant_layout(tmp_path):
+  root = synthetic.ensure(str(tmp_path), 12, seed=2, variant="nih",
+                          image_size=64)
+  with open(os.path.join(root, "Data_Entry_2017_v2020.csv")) as f:
+    header = f.readline().strip()
+    first = f.readline().strip().split(",")
+  assert header == ("Image Index,Finding Labels,Follow-up #,Patient ID,"
+                    "Patient Age,Patient Gender,View Position,"
+                    "OriginalImage[Width,Height],"
+                    "OriginalImagePixelSpacing[x,y]")
+  assert first[0] == "00000001_000.png" and first[3] == "1"
+  findings = first[1].split("|")
+  assert findings == ["No Finding"] or set(findings) <= set(
+      synthetic.label_names("nih"))
+  test = registry.read_index("nih", root, "test")
+  train_val = registry.read_index("nih", root, "train_val")
+  assert not set(test.patients) & set(train_val.patients)
+  assert len(set(test.patients)) == 2  # 20% of 12 patients, rounded
+  assert test.paths[0].startswith("images_001/images/")
+  with Image.open(os.path.join(root, test.paths[0])) as img:
+    assert img.format == "PNG" and img.size == (64, 64)
+  syn = synthetic.read(root, "train")
+  assert syn.label_names == synthetic.label_names("nih")
+  assert set(np.unique(syn.labels).tolist()) <= {0.0, 1.0}
+  # Written labels agree with the generator's truth.
+  for i, path in enumerate(test.paths):
+    pid, k = (int(x) for x in path.split("/")[-1][:-4].split("_"))
+    study = synthetic.draw_study(synthetic.draw_patient(2, pid, "nih"), 2, k,
+                                 "nih")
+    row = registry.read_index("synthetic", root, "test").labels[i]
+    np.testing.assert_array_equal(
+        row, [study.truth[n] is not None for n in synthetic.LABELS])
