@@ -45,17 +45,21 @@ def get_default() -> ml_collections.ConfigDict:
   # ---- Model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32).
+  c.model.attention_impl = ""  # Frozen towers' attention: "" (XLA) | cudnn.
   c.model.focal = ml_collections.ConfigDict()
   c.model.focal.enabled = True  # False: the global view only.
   c.model.focal.num_local = 4  # N-1 random local crops per image in training.
   c.model.focal.crop_size = 64  # Crop side in stored-image pixels.
   c.model.focal.eval_overlap = 0.25  # Overlap of evaluation sliding windows.
   c.model.focal.lung_bias = 0.0  # 0 = uniform crop centres; 1 = lung fields only.
+  c.model.focal.zoom = 0.0  # >0: crop side = expert input side / zoom.
+  c.model.focal.resize = "linear"  # Antialiased: linear | cubic | lanczos3.
   c.model.queries = ml_collections.ConfigDict()
   c.model.queries.enabled = True  # False: linear probe on pooled frozen features.
   c.model.queries.num_queries = 4  # Q learnable query tokens per expert.
   c.model.queries.inject_layer = -2  # T1; negative counts from the last layer.
   c.model.queries.mode = "non_destructive"  # non_destructive | joint.
+  c.model.queries.init_std = 0.02  # Query tokens start as N(0, init_std^2).
   c.model.fusion = ml_collections.ConfigDict()
   c.model.fusion.num_heads = 4  # Heads of the cross-view self-attention.
   c.model.fusion.num_layers = 1  # Cross-view self-attention blocks.
@@ -64,6 +68,7 @@ def get_default() -> ml_collections.ConfigDict:
   c.model.moe.gating = "soft"  # soft | top_k | per_label.
   c.model.moe.top_k = 1  # Experts kept by top_k gating.
   c.model.moe.balance_loss = 0.0  # Weight of the load-balancing loss.
+  c.model.moe.gate_hidden = 0  # Hidden width of the gate MLP; 0 = linear gate.
   c.model.head = ml_collections.ConfigDict()
   c.model.head.text_init = True  # Init heads from label-prompt text embeddings.
 

@@ -53,7 +53,7 @@ def test_first_matching_rule_wins():
 
 
 def random_gate_params(gate, pooled, seed=0):
-  params = gate.init(jax.random.key(seed), pooled)
+  params = jax.jit(gate.init)(jax.random.key(seed), pooled)
   # The last layer starts at zero (equal gates); make the gates differ.
   return jax.tree_util.tree_map(
       lambda x: jax.random.normal(jax.random.key(seed + 1), x.shape), params)
@@ -66,7 +66,8 @@ def test_gates_sum_to_one(gating, top_k):
   pooled = [jax.random.normal(jax.random.key(i), (b, w))
             for i, w in enumerate((8, 16, 12))]
   gate = moe.Gate(k, l, gating, top_k, hidden=6)
-  gates, balance = gate.apply(random_gate_params(gate, pooled), pooled)
+  gates, balance = jax.jit(gate.apply)(random_gate_params(gate, pooled),
+                                       pooled)
   want = (b, k, l) if gating == "per_label" else (b, k)
   assert gates.shape == want
   np.testing.assert_allclose(gates.sum(axis=1), 1.0, atol=1e-6)
@@ -109,17 +110,18 @@ def test_combine():
 def test_fusion_starts_as_max_over_views_and_mixes_after():
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
   f = fusion.CrossViewFusion(num_heads=2, num_layers=1)
-  params = f.init(jax.random.key(1), x)
-  np.testing.assert_allclose(f.apply(params, x), x.max(axis=1), rtol=1e-6)
+  params = jax.jit(f.init)(jax.random.key(1), x)
+  apply = jax.jit(f.apply)
+  np.testing.assert_allclose(apply(params, x), x.max(axis=1), rtol=1e-6)
   params = jax.tree_util.tree_map(
       lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
       params)
-  y = f.apply(params, x)
+  y = apply(params, x)
   assert y.shape == (2, 3, 8)
   # Views are symmetric apart from the global one: permuting local views
   # leaves the result unchanged.
   perm = x[:, jnp.asarray([0, 3, 1, 4, 2])]
-  np.testing.assert_allclose(f.apply(params, perm), y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(apply(params, perm), y, rtol=1e-5, atol=1e-5)
 
 
 def test_text_initialised_head_is_the_zero_shot_logit():

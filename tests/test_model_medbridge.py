@@ -1,0 +1,267 @@
+"""The composed MedBridge model on two tiny random experts.
+
+Two experts of different families, widths and input sides (CLIP width 32 at
+32 px, SigLIP width 48 at 24 px) written as Hugging Face folders and loaded
+through `experts.load`, as real checkpoints are. Stored images are 64 px with
+32 px crops. Everything is jitted: compilation dominates the run time.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from medbridge_jax import default_config
+from medbridge_jax import experts as experts_lib
+from medbridge_jax.errors import UserError
+from medbridge_jax.experts import random_experts
+from medbridge_jax.experts import zero_shot
+from medbridge_jax.model import focal_sampling
+from medbridge_jax.model import losses
+from medbridge_jax.model import medbridge
+from medbridge_jax.model import partition
+from medbridge_jax.model import query_encoder
+
+LABELS = ("effusion", "nodule", "pneumothorax")
+SIDE = 64  # Stored image side.
+SPECS = ("clip:width=32,layers=2,heads=2,patch=8,image=32,text_layers=1",
+         "siglip:width=48,layers=2,heads=4,patch=8,image=24,text_layers=1")
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+  root = tmp_path_factory.mktemp("experts")
+  out = []
+  for i, spec in enumerate(SPECS):
+    random_experts.write(str(root / f"e{i}"), spec, seed=i)
+    out.append(experts_lib.load(str(root / f"e{i}")))
+  return out
+
+
+@pytest.fixture(scope="module")
+def prompts(experts):
+  return [zero_shot.prompt_embeddings(e, list(LABELS)) for e in experts]
+
+
+def config(**model):
+  c = default_config.get_default()
+  c.model.focal.crop_size = 32
+  c.model.focal.num_local = 2
+  c.model.focal.eval_overlap = 0.0  # 2 x 2 windows: 5 views in evaluation.
+  for key, value in model.items():
+    node = c.model
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def main(experts, prompts):
+  """The default model (focal, queries, soft MoE, text init) and params."""
+  model = medbridge.build(config(), experts, LABELS, prompts)
+  params = medbridge.init_params(model, jax.random.key(0), experts, SIDE)
+  return model, params
+
+
+def images(n=8, seed=0):
+  return jax.random.uniform(jax.random.key(seed), (n, SIDE, SIDE))
+
+
+class ProbeEncoder(nn.Module):
+  """A QueryEncoder with its tower under "tower", as in an expert branch."""
+  tower: nn.Module
+  mode: str
+  num_queries: int = 4
+  inject_layer: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    return query_encoder.QueryEncoder(self.num_queries, self.inject_layer,
+                                      self.mode, name="encoder")(self.tower, x)
+
+
+def eval_fn(model):
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+
+
+def test_shapes_dtypes_and_param_layout(main, experts):
+  model, params = main
+  assert set(params) == {"expert_0", "expert_1", "gate"}
+  for k, e in enumerate(experts):
+    assert set(params[f"expert_{k}"]) == {"tower", "encoder", "fusion", "head"}
+    # The loaded weights, not random ones.
+    got = jax.tree_util.tree_leaves(params[f"expert_{k}"]["tower"])
+    want = jax.tree_util.tree_leaves(e.params["vision"])
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert params[f"expert_{k}"]["encoder"]["queries"].shape == (
+        4, e.vision.config.hidden_size)
+  n = partition.count(params)
+  assert n["frozen"] == sum(partition.tree_size(e.params["vision"])
+                            for e in experts)
+  logits, aux = eval_fn(model)(params, images(4))
+  assert logits.shape == (4, 3) and logits.dtype == jnp.float32
+  assert aux["expert_logits"].shape == (4, 2, 3)
+  assert aux["gates"].shape == (4, 2) and aux["balance_loss"].shape == ()
+  np.testing.assert_allclose(aux["gates"].sum(1), 1.0, atol=1e-6)
+  assert np.all(np.isfinite(logits))
+
+
+def test_non_destructive_stream_is_the_plain_backbone(experts):
+  """The frozen summary equals the expert's own image features, bit for bit."""
+  e = experts[0]
+  pixels = e.normalize(jax.random.uniform(jax.random.key(1), (3, 32, 32, 1)))
+  probe = ProbeEncoder(e.vision.clone(), "non_destructive", 3, 1)
+  variables = jax.jit(probe.init)(jax.random.key(0), pixels)
+  variables = {"params": {"tower": e.params["vision"],
+                          "encoder": variables["params"]["encoder"]}}
+  out = jax.jit(probe.apply)(variables, pixels)
+  assert out.shape == (3, 4, 32)
+  np.testing.assert_array_equal(out[:, -1], e.image_features(pixels))
+  # The queries really read the image: different images, different queries.
+  assert not np.allclose(out[0, :3], out[1, :3])
+
+
+def test_training_keeps_frozen_params_bit_identical(main):
+  model, params = main
+  trainable, frozen = partition.split(params)
+  frozen_before = jax.tree_util.tree_map(np.array, frozen)
+  cfg = default_config.get_default()
+  x = images(8, seed=3)
+  targets = (jax.random.uniform(jax.random.key(4), (8, 3)) < 0.5).astype(
+      jnp.float32)
+  mask = jnp.ones((8, 3))
+  opt = optax.adam(1e-2)
+  state = opt.init(trainable)
+
+  @jax.jit
+  def step(trainable, state, key):
+    def loss_fn(tr):
+      logits, aux = model.apply({"params": partition.merge(tr, frozen)}, x,
+                                train=True, rngs={"focal": key})
+      return losses.total(logits, aux, targets, mask, cfg)[0]
+    value, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, state = opt.update(grads, state, trainable)
+    return optax.apply_updates(trainable, updates), state, value, grads
+
+  values = []
+  for i in range(3):
+    new, state, value, grads = step(trainable, state, jax.random.key(10 + i))
+    values.append(float(value))
+    if i == 0:
+      # Gradients exist for exactly the trainable params, all finite, and
+      # reach the queries of both experts through the frozen layers.
+      assert "tower" not in grads["expert_0"]
+      assert all(np.all(np.isfinite(g))
+                 for g in jax.tree_util.tree_leaves(grads))
+      for k in range(2):
+        assert np.abs(grads[f"expert_{k}"]["encoder"]["queries"]).max() > 0
+    trainable = new
+  assert np.all(np.isfinite(values)) and values[-1] < values[0]
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      np.array_equal, frozen, frozen_before))
+
+
+def encoder_cost(expert, mode, grad):
+  """FLOPs XLA counts for the query encoder's forward (and backward)."""
+  def run(queries, tower_params, x):
+    variables = {"params": {"tower": tower_params,
+                            "encoder": {"queries": queries}}}
+    return jnp.sum(jnp.square(ProbeEncoder(expert.vision.clone(), mode).apply(
+        variables, x)))
+  x = jnp.zeros((4, 32, 32, 3))
+  q = jnp.zeros((4, expert.vision.config.hidden_size))
+  fn = jax.grad(run) if grad else run
+  compiled = jax.jit(fn).lower(q, expert.params["vision"], x).compile()
+  return compiled.cost_analysis()["flops"]
+
+
+
+
+def test_non_destructive_training_costs_about_one_forward(experts):
+  """No backward pass runs through the frozen image stream (issue 7)."""
+  e = experts[0]
+  forward = encoder_cost(e, "non_destructive", grad=False)
+  nd = encoder_cost(e, "non_destructive", grad=True)
+  joint = encoder_cost(e, "joint", grad=True)
+  # Backward of the 4 query tokens only (17 image tokens): far below a
+  # second pass over the image stream, which the joint mode pays.
+  print(f"flops: forward {forward:.3g}, non_destructive grad {nd:.3g}, "
+        f"joint grad {joint:.3g}")
+  assert nd < 1.35 * forward, (nd, forward)
+  assert joint > 1.8 * forward, (joint, forward)
+
+
+def test_eight_devices_agree_with_one(main):
+  model, params = main
+  assert jax.device_count() == 8
+  x = images(8, seed=5)
+  fn = eval_fn(model)
+  single = fn(params, x)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  xs = jax.device_put(x, data)
+  ps = jax.device_put(params, repl)
+  sharded = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False),
+                    in_shardings=(repl, data))(ps, xs)
+  assert len(sharded[0].sharding.device_set) == 8
+  np.testing.assert_allclose(sharded[0], single[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(sharded[1]["gates"], single[1]["gates"],
+                             atol=1e-5)
+
+
+def test_bfloat16_compute(main, experts, prompts):
+  model, params = main
+  c = config(compute_dtype="bfloat16")
+  model16 = medbridge.build(c, experts, LABELS, prompts)
+  logits16, aux16 = eval_fn(model16)(params, images(4))
+  logits32, _ = eval_fn(model)(params, images(4))
+  assert logits16.dtype == jnp.float32
+  assert aux16["expert_logits"].dtype == jnp.float32
+  np.testing.assert_allclose(logits16, logits32, atol=0.25)
+
+
+def test_all_off_is_the_zero_shot_linear_probe(experts, prompts):
+  """Focal, queries and MoE off + text init: the experts' zero-shot logits."""
+  c = config(**{"focal.enabled": False, "queries.enabled": False,
+                "moe.enabled": False})
+  model = medbridge.build(c, experts, LABELS, prompts)
+  params = medbridge.init_params(model, jax.random.key(0), experts, SIDE)
+  assert set(params["expert_0"]) == {"tower", "head"} and "gate" not in params
+  x = images(4, seed=6)
+  logits, aux = eval_fn(model)(params, x)
+  for k, e in enumerate(experts):
+    view = focal_sampling.resize(x, e.image_size)
+    feats = e.image_features(e.normalize(view[..., None]))
+    pair = zero_shot.logits(feats, prompts[k], e)
+    np.testing.assert_allclose(aux["expert_logits"][:, k],
+                               pair[..., 0] - pair[..., 1],
+                               atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(aux["gates"], 0.5)
+  np.testing.assert_allclose(logits, aux["expert_logits"].mean(1), atol=1e-6)
+
+
+def test_load_towers_names_a_wrong_shape(main, experts):
+  _, params = main
+  bad = dataclasses.replace(experts[0], params={
+      "vision": jax.tree_util.tree_map(lambda a: a, experts[0].params["vision"])
+  })
+  bad.params["vision"]["position_embedding"] = np.zeros((3, 32), np.float32)
+  with pytest.raises(UserError, match="position_embedding"):
+    medbridge.load_towers(params, [bad, experts[1]])
+
+
+def test_config_errors(experts, prompts):
+  with pytest.raises(UserError, match="inject_layer"):
+    query_encoder.resolve_layer(-3, 2)
+  model = medbridge.build(config(**{"focal.crop_size": 96}), experts, LABELS,
+                          prompts)
+  with pytest.raises(UserError, match="crop_size"):
+    model.init({"params": jax.random.key(0), "focal": jax.random.key(1)},
+               images(1), train=True)
