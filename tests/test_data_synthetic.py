@@ -319,3 +319,8 @@ def test_nih_variant_layout(tmp_path):
     row = registry.read_index("synthetic", root, "test").labels[i]
     np.testing.assert_array_equal(
         row, [study.truth[n] is not None for n in synthetic.LABELS])
+
+
+def test_read_refuses_a_folder_that_is_not_generated(tmp_path):
+  with pytest.raises(UserError, match="not a generated synthetic data set"):
+    synthetic.read(str(tmp_path), "train")

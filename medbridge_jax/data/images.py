@@ -73,11 +73,15 @@ def _grayscale(img: Image.Image) -> np.ndarray:
 
 def stretch(values: np.ndarray) -> np.ndarray:
   """float32 values with the image's min..max mapped to 0..255."""
-  values = np.asarray(values, np.float64)
+  values = np.asarray(values)
   lo, hi = float(values.min()), float(values.max())
   if hi <= lo:
     return np.zeros(values.shape, np.float32)
-  return ((values - lo) * (255.0 / (hi - lo))).astype(np.float32)
+  # float32 holds 16-bit values exactly; float64 would only be slower.
+  out = values.astype(np.float32)
+  out -= np.float32(lo)
+  out *= np.float32(255.0 / (hi - lo))
+  return out
 
 
 def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
