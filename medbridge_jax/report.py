@@ -46,9 +46,14 @@ def read_jsonl(workdir: str) -> list[dict]:
 
 
 def truncate_jsonl(workdir: str, after_step: int) -> None:
-  """Drops records of steps beyond `after_step` (a resumed run redoes them)."""
+  """Drops records a resumed run will write again.
+
+  Those of steps beyond `after_step`, and final records (a rerun of a
+  finished run evaluates again).
+  """
   records = read_jsonl(workdir)
-  kept = [r for r in records if r.get("step", -1) <= after_step]
+  kept = [r for r in records
+          if r.get("step", -1) <= after_step and not r.get("final")]
   if len(kept) != len(records):
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
       for r in kept:

@@ -39,5 +39,6 @@ def test_write_report(tmp_path):
 def test_jsonl_append_and_truncate(tmp_path):
   for step in (10, 20, 30):
     report.append_jsonl(str(tmp_path), {"step": step, "mean_auroc": 0.5})
+  report.append_jsonl(str(tmp_path), {"step": 20, "final": True})
   report.truncate_jsonl(str(tmp_path), 20)
   assert [r["step"] for r in report.read_jsonl(str(tmp_path))] == [10, 20]

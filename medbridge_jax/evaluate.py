@@ -1,0 +1,139 @@
+"""Evaluation: probabilities over a whole split, then clinical metrics.
+
+MedBridge and the zero-shot baseline are evaluated the same way: a jitted
+function maps a global uint8 image batch (B, H, W) to probabilities (B, L);
+`predict` runs it over a split with the data pipeline's evaluation batches
+(ordered, the last one padded) and gathers every row on every host.
+"""
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from medbridge_jax import metrics
+from medbridge_jax import report
+from medbridge_jax import sharding
+
+ImageFn = Callable[[jax.Array], jax.Array]  # uint8 (B, H, W) -> probs (B, L)
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """One split to evaluate, its label columns in the training labels' order."""
+  name: str  # e.g. "synthetic/valid"; the report's section title.
+  index: Any  # data.index.Index, harmonised to the training labels.
+  available: np.ndarray  # (L,) bool: labels this data set has at all.
+  targets: np.ndarray  # (N, L) float32, after the label policies.
+  mask: np.ndarray  # (N, L) float32, 0 = unknown.
+
+
+def make_eval_set(name: str, index, label_names: Sequence[str],
+                  data_config) -> EvalSet:
+  """Harmonises `index` to `label_names` and applies the label policies."""
+  from medbridge_jax.data import labels  # pylint: disable=g-import-not-at-top
+  available = labels.available(index.label_names, label_names)
+  index = labels.harmonise(index, label_names)
+  targets, mask = labels.targets(index.labels, data_config.uncertain_policy,
+                                 data_config.blank_policy, available)
+  return EvalSet(name, index, available, targets, mask)
+
+
+def predict(fn: ImageFn, eval_set: EvalSet, batch_size: int, mesh,
+            data_config) -> tuple[np.ndarray, np.ndarray]:
+  """fn's probabilities for every row of the split, on every host.
+
+  Returns:
+    (probs (N, L) float64, seen (N,) bool); a row is unseen only when its
+    image was skipped as unreadable (config.data.on_bad_image="skip").
+  """
+  from medbridge_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  n, num_labels = eval_set.targets.shape
+  probs = np.zeros((n, num_labels))
+  seen = np.zeros(n, bool)
+  batches = pipeline.eval_batches(
+      eval_set.index, batch_size=sharding.host_batch_size(batch_size),
+      available=eval_set.available,
+      **pipeline.options_from_config(data_config))
+  for batch in batches:
+    batch = pipeline.to_global({"image": batch["image"], "row": batch["row"]},
+                               mesh)
+    out = (fn(batch["image"]), batch["row"])
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+    p, rows = (np.asarray(x) for x in jax.device_get(out))
+    keep = rows >= 0
+    probs[rows[keep]] = p[keep]
+    seen[rows[keep]] = True
+  if batches.skipped:
+    logging.warning("%s: %d unreadable image(s) skipped, e.g. %s",
+                    eval_set.name, batches.skipped, batches.skipped_paths[0])
+  return probs, seen
+
+
+def make_model_fn(model) -> Callable[..., jax.Array]:
+  """Jitted (trainable, frozen, images) -> MedBridge probabilities (eval mode).
+
+  Built once per run and called with the current parameters, so periodic
+  evaluations reuse one compilation.
+  """
+  from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def fn(trainable, frozen, images):
+    params = partition.merge(trainable, frozen)
+    logits, _ = model.apply({"params": params},
+                            images.astype(jnp.float32) / 255.0, train=False)
+    return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+  return fn
+
+
+def make_zero_shot_fn(expert, prompt_embeddings) -> ImageFn:
+  """The frozen expert's zero-shot probabilities (before any adaptation).
+
+  The whole stored image is resized (antialiased) to the expert's input side,
+  as a plain CLIP/SigLIP user would feed it.
+  """
+  from medbridge_jax.experts import zero_shot  # pylint: disable=g-import-not-at-top
+  side = int(expert.image_size)
+
+  @jax.jit
+  def fn(params, prompts, images):
+    x = images.astype(jnp.float32) / 255.0
+    x = jax.image.resize(x, (x.shape[0], side, side), "linear", antialias=True)
+    pixels = expert.normalize(x[..., None])
+    feats = expert.vision.apply({"params": params}, pixels)[0]
+    return zero_shot.probabilities(feats, prompts, expert)
+
+  return lambda images: fn(expert.params["vision"], prompt_embeddings, images)
+
+
+def evaluate(fn: ImageFn, eval_set: EvalSet, *, batch_size: int, mesh,
+             data_config, label_names: Sequence[str],
+             mean_labels: Sequence[str] = (), bootstrap: int = 0,
+             seed: int = 0) -> report.Result:
+  """Predicts the split and computes every metric."""
+  probs, seen = predict(fn, eval_set, batch_size, mesh, data_config)
+  probs, targets, mask = probs[seen], eval_set.targets[seen], eval_set.mask[seen]
+  summary = metrics.summarize(probs, targets, mask, label_names,
+                              mean_labels=mean_labels, bootstrap=bootstrap,
+                              seed=seed)
+  return report.Result(summary, probs, targets, mask)
+
+
+def record(step: int, set_name: str, summary: metrics.Summary, **extra
+           ) -> dict:
+  """One metrics.jsonl object: step, mean AUROC and per-label AUROC."""
+  j = summary.to_json()
+  out = dict(step=int(step), set=set_name, mean_auroc=j["mean_auroc"],
+             mean_auroc_ci=j["mean_auroc_ci"], mean_auprc=j["mean_auprc"],
+             mean_ece=j["mean_ece"], undefined=j["undefined"],
+             auroc={k: v["auroc"] for k, v in j["labels"].items()},
+             auprc={k: v["auprc"] for k, v in j["labels"].items()})
+  out.update(extra)
+  return out

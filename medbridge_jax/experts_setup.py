@@ -1,0 +1,117 @@
+"""From `config.experts` / `config.random_experts` to loaded `Expert`s.
+
+Real checkpoints are local Hugging Face folders named in `config.experts`.
+When none are named, the small random experts described by
+`config.random_experts` are written once as Hugging Face folders into the
+cache (`$MEDBRIDGE_CACHE`, default ~/.cache/medbridge_jax) and loaded through
+the same `experts.load` real checkpoints use. Nothing here touches the
+network.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from typing import Sequence
+
+from absl import logging
+import jax.numpy as jnp
+import ml_collections
+
+from medbridge_jax import errors
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cache_dir() -> str:
+  """The cache of generated data and random experts."""
+  return os.path.abspath(os.path.expanduser(
+      os.environ.get("MEDBRIDGE_CACHE") or "~/.cache/medbridge_jax"))
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  name = config.model.compute_dtype
+  if name not in DTYPES:
+    raise errors.UserError(
+        f"config.model.compute_dtype={name!r}; expected one of {tuple(DTYPES)}")
+  return DTYPES[name]
+
+
+def _folder_name(spec: str, seed: int) -> str:
+  return re.sub(r"[^A-Za-z0-9=.-]+", "_", spec) + f"-seed{seed}"
+
+
+def random_expert_folder(spec: str, seed: int, root: str | None = None) -> str:
+  """The cached Hugging Face folder of random expert `spec`, written once.
+
+  It is written to a temporary folder and renamed into place, so a run
+  killed while writing never leaves a half folder that later runs would load.
+  """
+  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
+  root = os.path.join(root or cache_dir(), "experts")
+  path = os.path.join(root, _folder_name(spec, seed))
+  if os.path.isdir(path):
+    return path
+  try:
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+  except OSError as e:
+    raise errors.UserError(
+        f"cannot write random experts into the cache {root}: {e.strerror} "
+        f"(set MEDBRIDGE_CACHE to a writable folder)") from None
+  try:
+    random_experts.write(tmp, spec, seed)
+    os.rename(tmp, path)
+  except OSError:
+    # Another process finished the same folder first; theirs is as good.
+    if not os.path.isdir(path):
+      raise
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return path
+
+
+def expert_paths(config: ml_collections.ConfigDict) -> tuple[list[str], bool]:
+  """(folders to load, whether they are generated random experts)."""
+  if config.experts:
+    paths = []
+    for i, p in enumerate(_as_list(config.experts, "config.experts")):
+      full = os.path.abspath(os.path.expanduser(p))
+      if not os.path.isdir(full):
+        raise errors.UserError(
+            f"expert folder not found: {p} (config.experts[{i}])")
+      paths.append(full)
+    return paths, False
+  specs = _as_list(config.random_experts, "config.random_experts")
+  if not specs:
+    raise errors.UserError(
+        "no experts: set config.experts to Hugging Face CLIP/SigLIP folders "
+        "or config.random_experts to specs")
+  # Random experts stand in for fixed pretrained models: their seeds are their
+  # positions, not config.seed, so every training seed sees the same experts.
+  return [random_expert_folder(s, i) for i, s in enumerate(specs)], True
+
+
+def _as_list(value, name: str) -> list[str]:
+  if isinstance(value, str):
+    # --config.experts=/a/path (one string) is a common way to pass one.
+    value = [v for v in value.split(",") if v]
+  if not isinstance(value, Sequence) or not all(
+      isinstance(v, str) for v in value):
+    raise errors.UserError(f"{name} must be a tuple of strings; got {value!r}")
+  return list(value)
+
+
+def load(config: ml_collections.ConfigDict) -> list:
+  """The experts of `config`, loaded, computing in config.model.compute_dtype."""
+  from medbridge_jax import experts  # pylint: disable=g-import-not-at-top
+  dtype = compute_dtype(config)
+  paths, generated = expert_paths(config)
+  if generated:
+    # Said once, at start, so nobody mistakes these numbers for real ones.
+    logging.info(
+        "No pretrained experts configured (config.experts): using %d small "
+        "randomly initialised experts (%s) from %s.", len(paths),
+        "; ".join(config.random_experts), os.path.dirname(paths[0]))
+  return [experts.load(p, dtype=dtype) for p in paths]
