@@ -226,3 +226,42 @@ def test_argument_errors(index):
   with pytest.raises(UserError, match="maybe"):
     pipeline.eval_batches(index, batch_size=2, image_size=SIZE,
                           uncertain_policy="maybe", shard=(0, 1))
+
+
+def _prepared(index):
+  """Records as tfds_builders writes them: record i is index row i."""
+  from medbridge_jax.data import images  # pylint: disable=g-import-not-at-top
+  return [{"image": images.read_image(os.path.join(index.root, p), SIZE)[
+      ..., None], "labels": index.labels[i]} for i, p in enumerate(index.paths)]
+
+
+def test_prepared_records_give_the_same_batches(index):
+  prepared = _prepared(index)
+  for p in index.paths:  # the files are not read any more
+    os.remove(os.path.join(index.root, p))
+  kw = dict(batch_size=4, image_size=SIZE, shard=(0, 1))
+  raw_index = index
+  got = list(pipeline.eval_batches(raw_index, prepared=prepared, **kw))
+  rows = np.concatenate([b["row"] for b in got])[:ROWS]
+  images = np.concatenate([b["image"] for b in got])[:ROWS]
+  np.testing.assert_array_equal(_rows_of(images), rows)
+  it = pipeline.train_batches(index, seed=0, augment=False, prepared=prepared,
+                              **kw)
+  b = next(it)
+  t, _ = labels.targets(index.labels, "ignore", "zeros")
+  np.testing.assert_array_equal(b["targets"], t[_rows_of(b["image"])])
+
+
+def test_prepared_records_that_disagree_with_the_index_are_refused(index):
+  prepared = _prepared(index)
+  prepared[4] = dict(prepared[4], labels=np.full(3, 1.0, np.float32))
+  assert not np.array_equal(index.labels[4], prepared[4]["labels"],
+                            equal_nan=True)
+  ev = pipeline.eval_batches(index, batch_size=4, image_size=SIZE,
+                             on_bad_image="skip", prepared=prepared,
+                             shard=(0, 1))
+  with pytest.raises(UserError, match="prepared record 4 has labels"):
+    list(ev)
+  with pytest.raises(UserError, match="prepared shards hold 9 records"):
+    pipeline.eval_batches(index, batch_size=4, image_size=SIZE,
+                          prepared=prepared[:9], shard=(0, 1))

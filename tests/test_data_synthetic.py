@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from medbridge_jax.data import chexpert
 from medbridge_jax.data import registry
+from medbridge_jax.data import splits
 from medbridge_jax.data import synthetic
 from medbridge_jax.errors import UserError
 
@@ -228,12 +229,20 @@ def test_chexpert_layout(chexpert_root):
         value = row[chexpert.HEADER.index(name)]
         if name not in synthetic.LABELS and name != "No Finding":
           assert value == ""
+  with open(os.path.join(base, "test_labels.csv")) as f:
+    rows = list(csv.reader(f))
+  assert tuple(rows[0]) == synthetic.CHEXPERT_TEST_HEADER
+  assert all(r[0].startswith("test/patient") for r in rows[1:])
   train = chexpert.read(chexpert_root, "train")
   valid = chexpert.read(chexpert_root, "valid")
-  assert not set(train.patients) & set(valid.patients)
+  test = chexpert.read(chexpert_root, "test")
+  splits.check_disjoint(train, valid, test)
   assert len(set(valid.patients)) == 6  # 15% of 40
+  assert len(set(test.patients)) == 4  # 10% of 40
+  assert test.paths[0].startswith("CheXpert-v1.0-small/test/patient")
+  assert os.path.isfile(os.path.join(chexpert_root, test.paths[0]))
   studies = {}
-  for s in train.studies + valid.studies:
+  for s in train.studies + valid.studies + test.studies:
     studies.setdefault(s.split("/")[0], set()).add(s)
   assert {len(v) for v in studies.values()} <= {1, 2, 3, 4}
   assert len({len(v) for v in studies.values()}) >= 2
@@ -249,14 +258,16 @@ def test_labels_as_written(chexpert_root):
   assert codes == {-1.0, 0.0, 1.0} and np.isnan(train.labels).any()
   assert not np.isnan(valid.labels).any()
   assert set(np.unique(valid.labels).tolist()) == {0.0, 1.0}
+  test = synthetic.read(chexpert_root, "test")
+  assert set(np.unique(test.labels).tolist()) == {0.0, 1.0}
   # Written labels agree with the generator's truth.
-  for i, path in enumerate(valid.paths):
-    pid = int(path.split("/patient")[1].split("/")[0])
-    k = int(path.split("/study")[1].split("/")[0]) - 1
-    patient = synthetic.draw_patient(1, pid)
-    study = synthetic.draw_study(patient, 1, k)
-    want = [study.truth[n] is not None for n in synthetic.LABELS]
-    np.testing.assert_array_equal(valid.labels[i], want)
+  for split in (valid, test):
+    for path, written in zip(split.paths, split.labels):
+      pid = int(path.split("/patient")[1].split("/")[0])
+      k = int(path.split("/study")[1].split("/")[0]) - 1
+      study = synthetic.draw_study(synthetic.draw_patient(1, pid), 1, k)
+      want = [study.truth[n] is not None for n in synthetic.LABELS]
+      np.testing.assert_array_equal(written, want)
 
 
 def test_ensure_reuses_and_keys_by_parameters(chexpert_root, tmp_path):
@@ -267,7 +278,7 @@ def test_ensure_reuses_and_keys_by_parameters(chexpert_root, tmp_path):
   assert os.stat(marker).st_mtime_ns == stamp
   assert not [n for n in os.listdir(cache) if "partial" in n]
   other = synthetic.ensure(str(tmp_path), 4, 2, "chexpert", 64)
-  assert other != chexpert_root and "p4-s2-64px" in other
+  assert other != chexpert_root and "p4-s2-64px-g2" in other
   with pytest.raises(UserError, match="variant"):
     synthetic.ensure(str(tmp_path), 4, 2, "mimic", 64)
   with pytest.raises(UserError, match="num_patients"):

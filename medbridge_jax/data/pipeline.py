@@ -19,6 +19,10 @@ Hosts: host p of P reads rows p, p + P, p + 2P, ... (`shard`, default
 `to_global` turns a host-local batch into global jax arrays sharded over the
 mesh axis "data".
 
+Images are decoded from the index's files, or read from prepared ArrayRecord
+shards (`prepared=tfds_builders.data_source(...)`), with labels from the
+index either way.
+
 Decoding runs in grain's reader threads, or in `num_workers` worker
 processes. A missing or corrupt image never yields a wrong label: with
 `on_bad_image="error"` it raises the `UserError` naming the file; with
@@ -79,31 +83,60 @@ class Augment:
 class _Source:
   """grain random-access source: row i of the host's rows, decoded.
 
+  Images come from the index's files or, with `prepared`, from record `row`
+  of prepared shards (tfds_builders.data_source: record i is index row i);
+  a record whose raw labels differ from the index row is refused, so shards
+  and index can never pair an image with another image's labels.
+
   A bad image gives an element with a non-empty "error" instead of raising,
   so the decision (raise or skip) is taken in the main process.
   """
 
   def __init__(self, index: index_lib.Index, rows: np.ndarray,
-               targets: np.ndarray, mask: np.ndarray, image_size: int):
+               targets: np.ndarray, mask: np.ndarray, image_size: int,
+               prepared=None):
     self._root = index.root
     self._paths = [index.paths[r] for r in rows]
     self._rows = np.asarray(rows, np.int64)
+    self._raw = index.labels[self._rows]
     self._targets = targets[self._rows]
     self._mask = mask[self._rows]
     self._size = image_size
+    self._prepared = prepared
+    if prepared is not None and len(prepared) != len(index):
+      raise UserError(f"prepared shards hold {len(prepared)} records, the "
+                      f"{index.dataset} {index.split!r} index {len(index)} "
+                      "rows: prepared from other files or options")
 
   def __len__(self) -> int:
     return len(self._rows)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    path = os.path.join(self._root, self._paths[i])
-    try:
-      image = images.read_image(path, self._size)
-      error = ""
-    except UserError as e:
-      image, error = np.zeros((self._size, self._size), np.uint8), str(e)
+    error, fatal = "", False
+    if self._prepared is None:
+      path = os.path.join(self._root, self._paths[i])
+      try:
+        image = images.read_image(path, self._size)
+      except UserError as e:
+        image, error = None, str(e)
+    else:
+      record = self._prepared[int(self._rows[i])]
+      image = np.asarray(record["image"], np.uint8)
+      if image.ndim == 3:
+        image = image[..., 0]
+      if image.shape != (self._size, self._size):
+        image = images.letterbox(image, self._size)
+      codes = np.asarray(record["labels"], np.float32)
+      if codes.shape != self._raw[i].shape or not np.array_equal(
+          codes, self._raw[i], equal_nan=True):
+        error, fatal = (f"prepared record {int(self._rows[i])} has labels "
+                        f"{codes.tolist()}, index row {self._paths[i]} has "
+                        f"{self._raw[i].tolist()}: shards and index differ"
+                        ), True
+    if image is None or fatal:
+      image = np.zeros((self._size, self._size), np.uint8)
     return dict(image=image, targets=self._targets[i], mask=self._mask[i],
-                row=self._rows[i], error=error)
+                row=self._rows[i], error=error, fatal=fatal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +160,7 @@ class _BadImages:
   def __call__(self, element: dict) -> bool:
     if not element["error"]:
       return True
-    if self.policy == "error":
+    if self.policy == "error" or element["fatal"]:
       raise UserError(element["error"])
     self.count += 1
     if len(self.paths) < _KEEP_PATHS:
@@ -225,7 +258,8 @@ def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
                   blank_policy: str = "zeros",
                   available: np.ndarray | None = None, augment: bool = True,
                   on_bad_image: str = "error", num_workers: int = 0,
-                  shard: tuple[int, int] | None = None) -> TrainBatches:
+                  shard: tuple[int, int] | None = None,
+                  prepared=None) -> TrainBatches:
   """Training batches of this host's rows (see module doc).
 
   Args:
@@ -238,6 +272,9 @@ def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
     on_bad_image: "error" | "skip".
     num_workers: grain worker processes (0 = threads of this process).
     shard: (host index, host count); default from jax.
+    prepared: optional random-access source of prepared records aligned with
+      the index (tfds_builders.data_source of the same split); images are
+      read from it instead of the files.
   """
   _check(index, image_size, on_bad_image, num_workers, batch_size)
   targets, mask = labels_lib.targets(index.labels, uncertain_policy,
@@ -247,7 +284,7 @@ def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
     raise UserError(f"{index.dataset} split {index.split!r} has fewer images "
                     f"({len(index)}) than hosts")
   ds = grain.MapDataset.source(
-      _Source(index, rows, targets, mask, image_size))
+      _Source(index, rows, targets, mask, image_size, prepared))
   # Shuffle before repeat: every epoch is a new permutation of the rows.
   ds = ds.shuffle(seed=seed % 2**32).repeat()
   if augment:
@@ -314,10 +351,12 @@ def eval_batches(index: index_lib.Index, *, batch_size: int, image_size: int,
                  uncertain_policy: str = "ignore", blank_policy: str = "zeros",
                  available: np.ndarray | None = None,
                  on_bad_image: str = "error", num_workers: int = 0,
-                 shard: tuple[int, int] | None = None) -> EvalBatches:
+                 shard: tuple[int, int] | None = None,
+                 prepared=None) -> EvalBatches:
   """Evaluation batches of this host's rows, padded (see module doc).
 
-  Batches add `valid` float32 (B,) and `row` int32 (B,) to the training keys.
+  Arguments as for `train_batches`. Batches add `valid` float32 (B,) and
+  `row` int32 (B,) to the training keys.
   """
   _check(index, image_size, on_bad_image, num_workers, batch_size)
   targets, mask = labels_lib.targets(index.labels, uncertain_policy,
@@ -330,7 +369,7 @@ def eval_batches(index: index_lib.Index, *, batch_size: int, image_size: int,
   largest_shard = math.ceil(len(index) / count)
   num_batches = math.ceil(largest_shard / batch_size)
   ds = grain.MapDataset.source(
-      _Source(index, rows, targets, mask, image_size))
+      _Source(index, rows, targets, mask, image_size, prepared))
   it = ds.to_iter_dataset(_read_options(num_workers, 2 * batch_size))
   if num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

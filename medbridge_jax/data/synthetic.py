@@ -32,13 +32,15 @@ for borderline findings, rarely missed; validation labels are the truth.
 Layouts (`variant`):
 
   "chexpert": root/CheXpert-v1.0-small/{train,valid}.csv with CheXpert's
-    exact header; simulated findings under their CheXpert names, the other
-    observations blank. Images are JPEG (quality 95, as CheXpert ships JPEG);
+    exact header, and test_labels.csv as CheXpert's test labels are released
+    (Path from test/, labels only); patients 75% / 15% / 10%. Simulated
+    findings under their CheXpert names, the other observations blank. Images are JPEG (quality 95, as CheXpert ships JPEG);
     the focal findings survive it (tested on the written files).
   "nih": a domain-shifted look (collimation border, washed-out contrast,
     other gamma, stronger noise, slight blur) in NIH ChestX-ray14's layout:
     Data_Entry_2017_v2020.csv ("Finding Labels" joined by '|', or "No
-    Finding"), train_val_list.txt, test_list.txt, PNGs in images_001/images/.
+    Finding"), train_val_list.txt, test_list.txt (20% of the patients), PNGs
+    in images_001/images/.
 
 `ensure()` generates once into a cache folder named by every parameter and
 `GENERATOR_VERSION`, writes a completion marker last and reuses thereafter.
@@ -58,7 +60,7 @@ from PIL import Image
 from medbridge_jax.data import index as index_lib
 from medbridge_jax.errors import UserError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 VARIANTS = ("chexpert", "nih")
 GLOBAL_LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion")
 FOCAL_LABELS = ("Lung Lesion", "Pneumothorax")
@@ -76,7 +78,16 @@ LABEL_GROUPS = {
 CHEXPERT_FOLDER = "CheXpert-v1.0-small"
 NIH_ENTRY_FILE = "Data_Entry_2017_v2020.csv"
 VALID_FRACTION = 0.15  # chexpert variant: patients in valid.csv
-TEST_FRACTION = 0.2  # nih variant: patients in test_list.txt
+TEST_FRACTION = 0.1  # chexpert variant: patients in test_labels.csv
+NIH_TEST_FRACTION = 0.2  # nih variant: patients in test_list.txt
+# CheXpert's test labels (as released with CheXlocalize): no demographics, no
+# view columns, paths relative to the data set folder.
+CHEXPERT_TEST_HEADER = ("Path",) + tuple(
+    n for n in (
+        "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+        "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+        "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+        "Support Devices", "No Finding"))
 _MARKER = ".complete"
 _VARIANT_CODE = {"chexpert": 1, "nih": 2}
 _REF = 256.0  # sizes in pixels below are at this image size
@@ -481,12 +492,17 @@ def _num_studies(rng) -> int:
 
 
 def _held_out(num_patients: int, seed: int, variant: str,
-              fraction: float) -> set:
-  """Patients (1-based ids) of the held-out split: an exact, seeded share."""
-  n = max(1, round(fraction * num_patients)) if num_patients > 1 else 0
-  perm = np.random.default_rng([seed, _VARIANT_CODE[variant], 0, 99]).permutation(
-      num_patients)
-  return set((perm[:n] + 1).tolist())
+              fractions: dict) -> dict:
+  """Patient id (1-based) -> held-out split name, exact seeded shares."""
+  perm = np.random.default_rng(
+      [seed, _VARIANT_CODE[variant], 0, 99]).permutation(num_patients) + 1
+  out, start = {}, 0
+  for split, fraction in fractions.items():
+    n = max(1, round(fraction * num_patients)) if num_patients > 1 else 0
+    n = min(n, num_patients - 1 - start)  # keep training patients
+    out.update({int(p): split for p in perm[start:start + max(0, n)]})
+    start += max(0, n)
+  return out
 
 
 def generate(out_dir: str, num_patients: int, seed: int = 0,
@@ -510,28 +526,39 @@ def _studies(num_patients, seed, variant):
 def _write_chexpert(out_dir, num_patients, seed, size):
   from medbridge_jax.data import chexpert  # pylint: disable=g-import-not-at-top
   base = os.path.join(out_dir, CHEXPERT_FOLDER)
-  valid = _held_out(num_patients, seed, "chexpert", VALID_FRACTION)
-  rows = {"train": [], "valid": []}
+  held = _held_out(num_patients, seed, "chexpert",
+                   {"valid": VALID_FRACTION, "test": TEST_FRACTION})
+  rows = {"train": [], "valid": [], "test": []}
   for patient, study, rng in _studies(num_patients, seed, "chexpert"):
-    split = "valid" if patient.pid in valid else "train"
-    rel = (f"{CHEXPERT_FOLDER}/{split}/patient{patient.pid:05d}/"
-           f"study{study.index + 1}/view1_frontal.jpg")
+    split = held.get(patient.pid, "train")
+    rel = (f"{split}/patient{patient.pid:05d}/study{study.index + 1}/"
+           "view1_frontal.jpg")
     image, _ = render(patient, study, size, "chexpert")
-    path = os.path.join(out_dir, rel)
+    path = os.path.join(base, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(to_uint8(image), "L").save(path, quality=95)
-    codes = _true(study) if split == "valid" else _reported(study, rng)
+    codes = _reported(study, rng) if split == "train" else _true(study)
     positive = any(codes[n] in (1.0, -1.0) for n in LABELS)
-    codes["No Finding"] = (0.0 if positive else 1.0) if split == "valid" else (
-        math.nan if positive else 1.0)
-    row = [rel, patient.sex, str(study.age), "Frontal", study.view]
-    row += [_fmt(codes.get(n, math.nan)) for n in chexpert.LABELS]
-    rows[split].append(row)
-  for split, split_rows in rows.items():
-    with open(os.path.join(base, f"{split}.csv"), "w", newline="") as f:
+    if split == "train":  # CheXpert's labeler: 1 or blank
+      codes["No Finding"] = math.nan if positive else 1.0
+    else:
+      codes["No Finding"] = 0.0 if positive else 1.0
+    if split == "test":
+      rows[split].append([rel] + [_fmt(codes.get(n, math.nan))
+                                  for n in CHEXPERT_TEST_HEADER[1:]])
+    else:
+      row = [f"{CHEXPERT_FOLDER}/{rel}", patient.sex, str(study.age),
+             "Frontal", study.view]
+      rows[split].append(row + [_fmt(codes.get(n, math.nan))
+                                for n in chexpert.LABELS])
+  files = {"train": ("train.csv", chexpert.HEADER),
+           "valid": ("valid.csv", chexpert.HEADER),
+           "test": ("test_labels.csv", CHEXPERT_TEST_HEADER)}
+  for split, (name, header) in files.items():
+    with open(os.path.join(base, name), "w", newline="") as f:
       w = csv.writer(f, lineterminator="\n")
-      w.writerow(chexpert.HEADER)
-      w.writerows(split_rows)
+      w.writerow(header)
+      w.writerows(rows[split])
 
 
 def _fmt(code: float) -> str:
@@ -539,7 +566,7 @@ def _fmt(code: float) -> str:
 
 
 def _write_nih(out_dir, num_patients, seed, size):
-  test = _held_out(num_patients, seed, "nih", TEST_FRACTION)
+  held = _held_out(num_patients, seed, "nih", {"test": NIH_TEST_FRACTION})
   entries, lists = [], {"train_val": [], "test": []}
   spacing = f"{0.143 * 1024 / size:.3f}"
   count = 0
@@ -556,7 +583,7 @@ def _write_nih(out_dir, num_patients, seed, size):
     entries.append([name, "|".join(found) or "No Finding", str(study.index),
                     str(patient.pid), str(study.age), patient.sex[0],
                     study.view, str(size), str(size), spacing, spacing])
-    lists["test" if patient.pid in test else "train_val"].append(name)
+    lists[held.get(patient.pid, "train_val")].append(name)
   with open(os.path.join(out_dir, NIH_ENTRY_FILE), "w") as f:
     # The header as published: the bracketed names contain unquoted commas.
     f.write("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,"
