@@ -11,9 +11,9 @@ Return (path, model) with the torch model in eval mode.
 import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from medbridge_jax.experts import random_experts
 
-from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _randomize(model, seed: int):
@@ -35,7 +35,7 @@ def _randomize(model, seed: int):
 
 def _preprocessor(path, family, image):
   with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-    json.dump(random_experts._preprocessor_config(family, image), f)  # pylint: disable=protected-access
+    json.dump(random_experts.preprocessor_config(family, image), f)
 
 
 def clip_folder(path, *, hidden=32, layers=2, heads=4, mlp=37, patch=8,

@@ -109,7 +109,8 @@ def test_missing_and_unexpected_tensors(clip_copy):
   del t["vision_model.surprise.weight"]
   del t["text_projection.weight"]
   save_file(t, _weights(clip_copy))
-  with pytest.raises(UserError, match="missing tensor 'text_projection.weight'"):
+  with pytest.raises(UserError,
+                     match="missing tensor 'text_projection.weight'"):
     experts.load(clip_copy)
 
 

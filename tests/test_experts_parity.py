@@ -11,9 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import hf_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-order
-from medbridge_jax import experts  # pylint: disable=g-import-not-at-top
-from medbridge_jax.experts import zero_shot  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-order
+import hf_fixtures
+from medbridge_jax import experts
+from medbridge_jax.experts import zero_shot
+# pylint: enable=g-import-not-at-top,wrong-import-order
 
 TOL = 1e-4
 LABELS = ("atelectasis", "pleural effusion", "no finding")
@@ -53,7 +55,8 @@ def _build(config, tmp_path_factory):
   """Our side runs as one jitted program: XLA compiles dominate the time."""
   name, family, kwargs, size = config
   path = str(tmp_path_factory.mktemp(name))
-  make = hf_fixtures.clip_folder if family == "clip" else hf_fixtures.siglip_folder
+  make = (hf_fixtures.clip_folder if family == "clip"
+          else hf_fixtures.siglip_folder)
   path, model = make(path, **kwargs)
   expert = experts.load(path)
   pixels = np.random.RandomState(0).randn(2, size[0], size[1], 3).astype(

@@ -8,10 +8,12 @@ hf_names (tensor-name map), loader, tokenizers, expert (the `Expert`
 object), random_experts (small random HF folders), zero_shot.
 """
 
+from medbridge_jax.experts import random_experts
+from medbridge_jax.experts import zero_shot
 from medbridge_jax.experts.expert import Expert
 from medbridge_jax.experts.loader import load
 from medbridge_jax.experts.text import TextConfig, TextTower
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 
 __all__ = ["Expert", "TextConfig", "TextTower", "VisionConfig",
-           "VisionTower", "load"]
+           "VisionTower", "load", "random_experts", "zero_shot"]

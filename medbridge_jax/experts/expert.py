@@ -79,7 +79,7 @@ class Expert:
     transformers' `interpolate_pos_encoding=True` does.
     """
     pixel_values = jnp.asarray(pixel_values, jnp.float32)
-    self.vision._check_pixels(pixel_values)  # pylint: disable=protected-access
+    self.vision.check_pixels(pixel_values)
     return self._image_fn(self.params["vision"], pixel_values)
 
   def text_features(self, input_ids, attention_mask=None) -> jax.Array:

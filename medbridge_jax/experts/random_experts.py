@@ -268,7 +268,7 @@ def _hf_config(family: str, v: Dict[str, int], vision: VisionConfig,
   return cfg
 
 
-def _preprocessor_config(family: str, image: int) -> dict:
+def preprocessor_config(family: str, image: int) -> dict:
   mean, std = FAMILY_MEAN_STD[family]
   if family == "clip":
     return {"image_processor_type": "CLIPImageProcessor",
@@ -314,7 +314,7 @@ def write(path: str, spec: str, seed: int = 0) -> str:
     save_file(tensors, os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
     _write_json(os.path.join(tmp, "preprocessor_config.json"),
-                _preprocessor_config(family, v["image"]))
+                preprocessor_config(family, v["image"]))
     with loader.quiet_transformers():
       _hf_config(family, v, vision, text, tok).save_pretrained(tmp)
     if not os.path.exists(path):

@@ -167,7 +167,7 @@ class VisionTower(nn.Module):
     if c.family == "siglip" and c.use_head:
       self.head = MapHead(c, self.dtype, self.attention_impl)
 
-  def _check_pixels(self, pixels: Array):
+  def check_pixels(self, pixels: Array):
     c = self.config
     shape = tuple(pixels.shape)
     if len(shape) != 4:
@@ -191,7 +191,7 @@ class VisionTower(nn.Module):
 
   def embed(self, pixels: Array) -> Array:
     """Patches + class token + positions (+ CLIP pre-norm): (B, S, D)."""
-    self._check_pixels(pixels)
+    self.check_pixels(pixels)
     c = self.config
     x = self.patch_embed(jnp.asarray(pixels, self.dtype))
     b, gh, gw, d = x.shape
