@@ -403,7 +403,7 @@ def to_global(batch: dict[str, np.ndarray], mesh, axis: str = "data"
 
 
 def options_from_config(data_config) -> dict[str, Any]:
-  """Keyword arguments of `train_batches` / `eval_batches` from `config.data`."""
+  """`train_batches` / `eval_batches` keyword arguments from `config.data`."""
   return dict(image_size=int(data_config.image_size),
               uncertain_policy=data_config.uncertain_policy,
               blank_policy=data_config.blank_policy,

@@ -34,8 +34,9 @@ Layouts (`variant`):
   "chexpert": root/CheXpert-v1.0-small/{train,valid}.csv with CheXpert's
     exact header, and test_labels.csv as CheXpert's test labels are released
     (Path from test/, labels only); patients 75% / 15% / 10%. Simulated
-    findings under their CheXpert names, the other observations blank. Images are JPEG (quality 95, as CheXpert ships JPEG);
-    the focal findings survive it (tested on the written files).
+    findings under their CheXpert names, the other observations blank.
+    Images are JPEG (quality 95, as CheXpert ships JPEG): the focal findings
+    survive it (tested on JPEG-compressed images).
   "nih": a domain-shifted look (collimation border, washed-out contrast,
     other gamma, stronger noise, slight blur) in NIH ChestX-ray14's layout:
     Data_Entry_2017_v2020.csv ("Finding Labels" joined by '|', or "No
@@ -57,7 +58,10 @@ import uuid
 import numpy as np
 from PIL import Image
 
+from medbridge_jax.data import chexpert
 from medbridge_jax.data import index as index_lib
+from medbridge_jax.data import labels as labels_lib
+from medbridge_jax.data import nih
 from medbridge_jax.errors import UserError
 
 GENERATOR_VERSION = 2
@@ -101,7 +105,9 @@ _TEXTURE_OCTAVES = ((4, 1.7), (8, 1.0), (16, 1.0))
 def label_names(variant: str) -> tuple[str, ...]:
   """The simulated labels under the variant's native names."""
   _check_variant(variant)
-  return LABELS if variant == "chexpert" else tuple(NIH_NAMES[n] for n in LABELS)
+  if variant == "chexpert":
+    return LABELS
+  return tuple(NIH_NAMES[n] for n in LABELS)
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +439,7 @@ def _blur(a: np.ndarray) -> np.ndarray:
 
 
 def _disk(img, nx, ny, radius, contrast, study, size):
-  """Adds an antialiased sharp disk at anatomical (nx, ny); returns its place."""
+  """Adds an antialiased sharp disk at anatomical (nx, ny); returns where."""
   dx, dy = study.shift
   ca, sa = math.cos(study.angle), math.sin(study.angle)
   ax, ay = nx - 0.5, ny - 0.5
@@ -524,7 +530,6 @@ def _studies(num_patients, seed, variant):
 
 
 def _write_chexpert(out_dir, num_patients, seed, size):
-  from medbridge_jax.data import chexpert  # pylint: disable=g-import-not-at-top
   base = os.path.join(out_dir, CHEXPERT_FOLDER)
   held = _held_out(num_patients, seed, "chexpert",
                    {"valid": VALID_FRACTION, "test": TEST_FRACTION})
@@ -646,16 +651,14 @@ def ensure(cache_dir: str, num_patients: int, seed: int = 0,
 
 def read(root: str, split: str = "train", **options) -> index_lib.Index:
   """Index of a generated data set, with only the simulated labels."""
-  from medbridge_jax.data import labels  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(root, CHEXPERT_FOLDER)):
-    from medbridge_jax.data import chexpert  # pylint: disable=g-import-not-at-top
     index = chexpert.read(root, split, **options)
     names = LABELS
   elif os.path.isfile(os.path.join(root, NIH_ENTRY_FILE)):
-    from medbridge_jax.data import nih  # pylint: disable=g-import-not-at-top
     index = nih.read(root, split, **options)
     names = label_names("nih")
   else:
     raise UserError(f"{root} is not a generated synthetic data set (no "
                     f"{CHEXPERT_FOLDER}/ or {NIH_ENTRY_FILE})")
-  return dataclasses.replace(labels.select(index, names), dataset="synthetic")
+  return dataclasses.replace(labels_lib.select(index, names),
+                             dataset="synthetic")
