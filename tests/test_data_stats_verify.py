@@ -46,9 +46,9 @@ def test_stats_vindr_all_and_rule(tmp_path, capsys):
   assert got["labels"]["Pleural effusion"]["positive"] == 1
   assert len(got["labels"]) == 28
   status, out, _ = _run(stats, capsys, "--dataset=vindr", f"--root={root}",
-                        "--split=train", "--option", "rule=disagreement")
+                        "--split=train_val", "--option", "rule=disagreement")
   got = json.loads(out)
-  assert got["images"] == 2 and got["split"] == "train"
+  assert got["images"] == 2 and got["split"] == "train_val"
   assert got["labels"]["Pleural effusion"] == {
       "positive": 0, "negative": 0, "uncertain": 2, "blank": 0}
 
@@ -71,9 +71,11 @@ def test_stats_mimic_all_counts_every_view(tmp_path, capsys):
     (["--dataset=padchest", "--root=."], "invalid choice: 'padchest'"),
     (["--dataset=vindr", "--root=/no/such/dir"], "/no/such/dir does not exist"),
     (["--dataset=vindr", "--root=ROOT", "--option", "rules=any"],
-     "--option rules: the vindr reader takes rule, variant"),
+     "--option rules: the vindr reader takes rule, variant, valid_fraction, "
+     "split_seed"),
     (["--dataset=vindr", "--root=ROOT", "--option", "rule"], "not KEY=VALUE"),
-    (["--dataset=vindr", "--root=ROOT", "--split=valid"], "split 'valid'"),
+    (["--dataset=vindr", "--root=ROOT", "--split=validation"],
+     "split 'validation'"),
 ])
 def test_stats_bad_input_is_one_line(tmp_path, capsys, argv, message):
   root = _vindr(tmp_path)

@@ -17,15 +17,20 @@ from medbridge_jax.data import tfds_builders
 from medbridge_jax.errors import UserError
 
 
+D, E = "0" * 31 + "d", "0" * 31 + "e"  # two more training images
+
+
 def _vindr_root(tmp_path):
   root = str(tmp_path / "vindr")
-  vindr_fixture._write(root, "annotations/image_labels_train.csv",
-                       vindr_fixture.TRAIN)
+  vindr_fixture._write(
+      root, "annotations/image_labels_train.csv", vindr_fixture.TRAIN + [
+          vindr_fixture._row(i, f"R{r}", [r]) for i in (D, E) for r in (1, 2)])
   vindr_fixture._write(root, "annotations/image_labels_test.csv",
                        vindr_fixture.TEST)
   rng = np.random.default_rng(0)
   for k, rel in enumerate((f"train/{vindr_fixture.A}.dicom",
                            f"train/{vindr_fixture.B}.dicom",
+                           f"train/{D}.dicom", f"train/{E}.dicom",
                            f"test/{vindr_fixture.C}.dicom")):
     os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
     dicom.write_dicom(
@@ -67,11 +72,11 @@ def test_vindr_dicom_shards_match_raw_folder(tmp_path):
   root = _vindr_root(tmp_path)
   data_dir = str(tmp_path / "tfds")
   b = tfds_builders.prepare("vindr", root, data_dir, 40, rule="any")
-  assert set(b.info.splits) == {"train", "test"}
+  assert set(b.info.splits) == {"train", "valid", "test"}
   assert b.info.metadata["label_names"] == list(
       registry.read_index("vindr", root, "train").label_names)
   assert b.info.metadata["reader_options"] == {"rule": "any"}
-  for split in ("train", "test"):
+  for split in ("train", "valid", "test"):
     index = registry.read_index("vindr", root, split, rule="any")
     source = tfds_builders.data_source("vindr", data_dir, split, 40,
                                        rule="any")
@@ -98,18 +103,19 @@ def test_mimic_named_config_through_tfds_data_source(tmp_path):
 
 def test_bad_image_error_or_skip(tmp_path):
   root = _vindr_root(tmp_path)
-  bad = os.path.join(root, f"train/{vindr_fixture.B}.dicom")
-  with open(bad, "wb") as f:
+  bad = registry.read_index("vindr", root, "train").paths[1]
+  with open(os.path.join(root, bad), "wb") as f:
     f.write(b"broken")
-  with pytest.raises(UserError, match=f"{vindr_fixture.B}.dicom: not a "
-                     "readable DICOM"):
+  with pytest.raises(UserError, match=f"{bad}: not a readable DICOM"):
     tfds_builders.prepare("vindr", root, str(tmp_path / "a"), 16)
   b = tfds_builders.prepare("vindr", root, str(tmp_path / "b"), 16,
                             on_bad_image="skip", num_workers=2)
-  assert b.info.metadata["skipped"] == {
-      "train": [f"train/{vindr_fixture.B}.dicom"], "test": []}
-  index = registry.read_index("vindr", root, "train")
-  _assert_same(b.as_data_source("train"), index.select([0]), 16)
+  skipped = b.info.metadata["skipped"]
+  assert sum(skipped.values(), []) == [bad]
+  for split, paths in skipped.items():
+    index = registry.read_index("vindr", root, split)
+    keep = [i for i, p in enumerate(index.paths) if p not in paths]
+    _assert_same(b.as_data_source(split), index.select(keep), 16)
 
 
 def test_command_line(tmp_path, capsys):
@@ -118,8 +124,49 @@ def test_command_line(tmp_path, capsys):
       "--dataset=vindr", f"--root={root}", f"--data_dir={tmp_path}/c",
       "--image_size=16", "--workers=0", "--option", "variant=physionet"])
   out = capsys.readouterr().out
-  assert status == 0 and "train: 2 images, 0 skipped" in out
+  assert status == 0 and "train: 3 images, 0 skipped" in out
   with pytest.raises(SystemExit):
     tfds_builders.main(["--dataset=vindr", f"--root={tmp_path}/none",
                         f"--data_dir={tmp_path}/c"])
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_split_with_no_good_image_is_an_error(tmp_path):
+  root = _vindr_root(tmp_path)
+  with open(os.path.join(root, f"test/{vindr_fixture.C}.dicom"), "wb") as f:
+    f.write(b"broken")
+  with pytest.raises(UserError, match="every image of vindr split 'test' is "
+                     "missing or corrupt, e.g. .*not a readable DICOM"):
+    tfds_builders.prepare("vindr", root, str(tmp_path / "a"), 16,
+                          on_bad_image="skip")
+
+
+def _rsna_root(tmp_path):
+  root = tmp_path / "rsna"
+  (root / "stage_2_train_images").mkdir(parents=True)
+  ids = [f"{k:08x}-14fd-4e49-80ba-63a80b6bddd6" for k in range(10)]
+  rows = ["patientId,x,y,width,height,Target"]
+  for k, p in enumerate(ids):
+    rows.append(f"{p},1,2,3,4,1" if k % 3 == 0 else f"{p},,,,,0")
+    dicom.write_dicom(str(root / "stage_2_train_images" / f"{p}.dcm"),
+                      np.full((20, 20), 10 * k, np.uint8))
+  (root / "stage_2_train_labels.csv").write_text("\n".join(rows) + "\n")
+  return str(root)
+
+
+def test_every_other_builder_matches_its_reader(tmp_path):
+  from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  cache = str(tmp_path / "cache")
+  chexpert_root = synthetic.ensure(cache, 4, 0, "chexpert", 64)
+  nih_root = synthetic.ensure(cache, 4, 0, "nih", 64)
+  cases = [("chexpert", chexpert_root, ("train", "valid", "test")),
+           ("nih", nih_root, ("train", "valid", "test")),
+           ("synthetic", chexpert_root, ("train", "valid", "test")),
+           ("synthetic", nih_root, ("train", "valid", "test")),
+           ("rsna", _rsna_root(tmp_path), ("train", "valid", "test"))]
+  for k, (name, root, splits) in enumerate(cases):
+    b = tfds_builders.prepare(name, root, str(tmp_path / f"tfds{k}"), 24)
+    assert tuple(b.info.splits) == splits, name
+    for split in splits:
+      _assert_same(b.as_data_source(split),
+                   registry.read_index(name, root, split), 24)

@@ -65,7 +65,7 @@ def _physionet(tmp_path):
     ("disagreement", (1, 0), (-1, -1), (0, -1)),
 ])
 def test_aggregation_rules(physionet, rule, cardio, effusion, no_finding):
-  idx = vindr.read(physionet, "train", rule=rule)
+  idx = vindr.read(physionet, "train_val", rule=rule)
   assert idx.paths == (f"train/{A}.dicom", f"train/{B}.dicom")
   assert idx.patients == (A, B) and idx.studies == (A, B)
   np.testing.assert_array_equal(idx.labels[:, CARDIO], cardio)
@@ -90,7 +90,7 @@ def test_gz_and_explicit_variant(tmp_path):
   with open(os.path.join(tmp_path, "annotations/image_labels_train.csv.gz"),
             "wb") as f:
     f.write(gzip.compress(("\n".join(TRAIN) + "\n").encode()))
-  assert len(vindr.read(str(tmp_path), "train", variant="physionet")) == 2
+  assert len(vindr.read(str(tmp_path), "train_val", variant="physionet")) == 2
   with pytest.raises(UserError, match=r"no train.csv\[.gz\]"):
     vindr.read(str(tmp_path), "train", variant="kaggle")
 
@@ -116,8 +116,8 @@ def test_bad_physionet_input(tmp_path, lines, message):
 def test_unknown_rule_split_and_missing_files(physionet, tmp_path):
   with pytest.raises(UserError, match="rule 'vote'"):
     vindr.read(physionet, "train", rule="vote")
-  with pytest.raises(UserError, match="split 'valid'"):
-    vindr.read(physionet, "valid")
+  with pytest.raises(UserError, match="split 'validation'"):
+    vindr.read(physionet, "validation")
   empty = os.path.join(tmp_path, "empty")
   os.makedirs(empty)
   with pytest.raises(UserError, match="neither annotations/image_labels"):
@@ -146,7 +146,7 @@ KAGGLE = [
 ])
 def test_kaggle_votes_per_radiologist(tmp_path, rule, want_a):
   _write(tmp_path, "train.csv", KAGGLE)
-  idx = vindr.read(str(tmp_path), "train", rule=rule)
+  idx = vindr.read(str(tmp_path), "train_val", rule=rule)
   assert idx.label_names == vindr.KAGGLE_LABELS
   assert idx.paths == (f"train/{A}.dicom", f"train/{B}.dicom")
   a = np.zeros(15, np.float32)
@@ -168,5 +168,24 @@ def test_bad_kaggle_input(tmp_path, row, message):
   _write(tmp_path, "train.csv", [KAGGLE_HEADER, row])
   with pytest.raises(UserError, match=r"train.csv: " + message):
     vindr.read(str(tmp_path), "train")
-  with pytest.raises(UserError, match="only 'train'"):
+  with pytest.raises(UserError, match=r"\(kaggle\) split 'test' is not one"):
     vindr.read(str(tmp_path), "test")
+
+
+def test_train_valid_hold_out_by_image(tmp_path):
+  from medbridge_jax.data import splits  # pylint: disable=g-import-not-at-top
+  ids = [f"{k:032x}" for k in range(40)]
+  _write(tmp_path, "annotations/image_labels_train.csv",
+         [HEADER] + [_row(i, f"R{r}", [CARDIO] if k % 2 else [])
+                     for k, i in enumerate(ids) for r in (1, 2, 3)])
+  _write(tmp_path, "annotations/image_labels_test.csv", TEST)
+  root = str(tmp_path)
+  train, valid = vindr.read(root, "train"), vindr.read(root, "valid")
+  assert (len(train), len(valid)) == (36, 4)
+  assert (train.split, valid.split) == ("train", "valid")
+  splits.check_disjoint(train, valid, vindr.read(root, "test"))
+  assert sorted(train.patients + valid.patients) == ids
+  for part in (train, valid):
+    want = [float(int(p, 16) % 2) for p in part.patients]
+    np.testing.assert_array_equal(part.labels[:, CARDIO], want)
+  assert vindr.read(root, "valid", split_seed=1).patients != valid.patients

@@ -149,15 +149,20 @@ class _IndexBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     skipped = self.info.metadata["skipped"].setdefault(index.split, [])
     encoded = _encode_all(index, self.builder_config.image_size,
                           self._num_workers)
+    first_problem = None
     for i, (path, png) in enumerate(zip(index.paths, encoded)):
       if isinstance(png, UserError):
         if self._on_bad_image == "error":
           raise png
         skipped.append(path)
+        first_problem = first_problem or png
         continue
       yield path, {"image": png, "labels": index.labels[i],
                    "patient": index.patients[i], "study": index.studies[i],
                    "path": path}
+    if len(skipped) == len(index) and len(index):
+      raise UserError(f"every image of {self.DATASET} split {index.split!r} "
+                      f"is missing or corrupt, e.g. {first_problem}")
 
 
 def _encode(root: str, path: str, size: int) -> bytes | UserError:
@@ -192,11 +197,16 @@ class MedbridgeChexpert(_IndexBuilder):
   DATASET = "chexpert"
 
   def _splits(self, root):
-    from medbridge_jax.data import chexpert  # pylint: disable=g-import-not-at-top
-    folders = [os.path.join(root, f) for f in chexpert.FOLDERS] + [root]
-    has_test = any(csvio.exists(f, n) for f in folders
-                   for n in chexpert.SPLIT_FILES["test"])
-    return ("train", "valid") + (("test",) if has_test else ())
+    return _chexpert_splits(root)
+
+
+def _chexpert_splits(root: str) -> tuple[str, ...]:
+  """CheXpert's test labels are optional (released later, separately)."""
+  from medbridge_jax.data import chexpert  # pylint: disable=g-import-not-at-top
+  folders = [os.path.join(root, f) for f in chexpert.FOLDERS] + [root]
+  has_test = any(csvio.exists(f, n) for f in folders
+                 for n in chexpert.SPLIT_FILES["test"])
+  return ("train", "valid") + (("test",) if has_test else ())
 
 
 class MedbridgeNih(_IndexBuilder):
@@ -212,7 +222,7 @@ class MedbridgeMimic(_IndexBuilder):
 
 
 class MedbridgeVindr(_IndexBuilder):
-  """VinDr-CXR (PhysioNet: train, test) or Kaggle VinBigData (train)."""
+  """VinDr-CXR (PhysioNet: train, valid, test) or VinBigData (no test)."""
 
   DATASET = "vindr"
 
@@ -220,7 +230,7 @@ class MedbridgeVindr(_IndexBuilder):
     variant = self.builder_config.reader_options.get("variant", "auto")
     physionet = (variant == "physionet" or variant == "auto" and csvio.exists(
         root, "annotations/image_labels_train.csv"))
-    return ("train", "test") if physionet else ("train",)
+    return ("train", "valid") + (("test",) if physionet else ())
 
 
 class MedbridgeRsna(_IndexBuilder):
@@ -233,6 +243,12 @@ class MedbridgeSynthetic(_IndexBuilder):
   """The generated synthetic chest X-rays (root from `synthetic.ensure`)."""
 
   DATASET = "synthetic"
+
+  def _splits(self, root):
+    from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    if os.path.isdir(os.path.join(root, synthetic.CHEXPERT_FOLDER)):
+      return _chexpert_splits(root)
+    return ("train", "valid", "test")
 
 
 BUILDERS = {b.DATASET: b for b in (MedbridgeChexpert, MedbridgeNih,

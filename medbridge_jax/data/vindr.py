@@ -29,8 +29,11 @@ Decisions:
   rad_ids on the image.
 - VinDr has no patient ids (DICOM tags were anonymised per image): each image
   is its own patient and study, so any patient-level split is image-level.
-- Splits: PhysioNet "train" and "test" as published; "all" = both. Kaggle
-  "train" (and "all", the same); its test images have no labels.
+- Splits, as for NIH: "train_val" is the published training set, divided
+  by image (= patient) into "train" and "valid" (`valid_fraction` of the
+  images, deterministic by `split_seed`, see splits.py); PhysioNet "test" is
+  the published test set; "all" is everything labelled. Kaggle's test images
+  have no labels, so it has no "test".
 - Labels: PhysioNet's 28 names as in its header (train and test headers
   spell some names differently across releases; "Other disease" is read as
   "Other diseases"); Kaggle's 15 classes in class_id order.
@@ -41,6 +44,7 @@ import numpy as np
 
 from medbridge_jax.data import csvio
 from medbridge_jax.data import index as index_lib
+from medbridge_jax.data import splits as splits_lib
 from medbridge_jax.errors import UserError
 
 LABELS = (
@@ -58,22 +62,27 @@ KAGGLE_LABELS = (
     "Pulmonary fibrosis", "No finding")  # class_id 0..14
 RULES = ("majority", "any", "all", "disagreement")
 VARIANTS = ("auto", "physionet", "kaggle")
+VALID_FRACTION = 0.1
 _ALIASES = {"Other disease": "Other diseases"}
 _PHYSIONET_FILES = {"train": "annotations/image_labels_train.csv",
                     "test": "annotations/image_labels_test.csv"}
 
 
 def read(root: str, split: str = "train", *, rule: str = "majority",
-         variant: str = "auto") -> index_lib.Index:
+         variant: str = "auto", valid_fraction: float = VALID_FRACTION,
+         split_seed: int = 0) -> index_lib.Index:
   """The index of one split of VinDr-CXR.
 
   Args:
     root: the data set folder (see the module docstring for both layouts).
-    split: "train", "test" (PhysioNet only) or "all".
+    split: "train", "valid", "train_val", "test" (PhysioNet only) or "all"
+      (see the module docstring).
     rule: how radiologists' votes combine: majority | any | all |
       disagreement (see the module docstring).
     variant: "physionet", "kaggle", or "auto" (PhysioNet if its annotations
       folder is there, else Kaggle if train.csv is).
+    valid_fraction: share of the training images held out as "valid".
+    split_seed: seed of that hold-out.
   """
   if rule not in RULES:
     raise UserError(f"VinDr-CXR aggregation rule {rule!r} is not one of "
@@ -89,17 +98,21 @@ def read(root: str, split: str = "train", *, rule: str = "majority",
       raise UserError(
           f"{root}: neither {_PHYSIONET_FILES['train']}[.gz] (PhysioNet "
           "VinDr-CXR) nor train.csv[.gz] (Kaggle VinBigData) is here")
+  official = {"train_val": ("train",), "all": ("train", "test")}
   if variant == "physionet":
-    splits = {"train": ("train",), "test": ("test",), "all": ("train", "test")}
-    if split not in splits:
-      raise UserError(f"VinDr-CXR split {split!r} is not one of "
-                      f"{tuple(splits)}")
-    parts = [_physionet(root, s, rule) for s in splits[split]]
+    official["test"] = ("test",)
+  choices = ("train", "valid") + tuple(official)
+  if split not in choices:
+    raise UserError(f"VinDr-CXR ({variant}) split {split!r} is not one of "
+                    f"{choices}")
+  if split in ("train", "valid"):
+    train_val = read(root, "train_val", rule=rule, variant=variant)
+    train, valid = splits_lib.holdout(train_val, valid_fraction, split_seed)
+    return train if split == "train" else valid
+  if variant == "physionet":
+    parts = [_physionet(root, s, rule) for s in official[split]]
     label_names = LABELS
   else:
-    if split not in ("train", "all"):
-      raise UserError(
-          f"VinBigData split {split!r}: only 'train' (or 'all') has labels")
     parts = [_kaggle(root, rule)]
     label_names = KAGGLE_LABELS
   images = [i for part in parts for i in part[0]]
