@@ -49,19 +49,19 @@ def holdout(index: index_lib.Index, fraction: float, seed: int,
           index.select(_rows_of(index, held), split=names[1]))
 
 
-def fraction(index: index_lib.Index, fraction_: float,
+def fraction(index: index_lib.Index, share: float,
              seed: int) -> index_lib.Index:
-  """The rows of ceil(fraction * patients) patients (at least one).
+  """The rows of ceil(share * patients) patients (at least one).
 
-  fraction 1 returns the index unchanged; smaller fractions of the same seed
-  are nested.
+  share 1 returns the index unchanged; smaller shares of the same seed are
+  nested.
   """
-  if not 0.0 < fraction_ <= 1.0:
-    raise UserError(f"training fraction must be in (0, 1], got {fraction_}")
-  if fraction_ == 1.0:
+  if not 0.0 < share <= 1.0:
+    raise UserError(f"training fraction must be in (0, 1], got {share}")
+  if share == 1.0:
     return index
   order = patient_order(index.patients, seed, "fraction")
-  k = max(1, int(np.ceil(fraction_ * len(order) - 1e-9)))
+  k = max(1, int(np.ceil(share * len(order) - 1e-9)))
   return index.select(_rows_of(index, set(order[:k])))
 
 
