@@ -68,6 +68,13 @@ def _assert_same(source, index, size):
     np.testing.assert_array_equal(record["image"][..., 0], want)
 
 
+def _assert_same_index(got, want):
+  assert (got.dataset, got.split) == (want.dataset, want.split)
+  assert got.paths == want.paths and got.patients == want.patients
+  assert got.studies == want.studies and got.label_names == want.label_names
+  np.testing.assert_array_equal(got.labels, want.labels)
+
+
 def test_vindr_dicom_shards_match_raw_folder(tmp_path):
   root = _vindr_root(tmp_path)
   data_dir = str(tmp_path / "tfds")
@@ -82,6 +89,9 @@ def test_vindr_dicom_shards_match_raw_folder(tmp_path):
                                        rule="any")
     # grain reads the same records through the tfds data source.
     _assert_same(grain.MapDataset.source(source), index, 40)
+    # The index stored with the shards needs neither label files nor images.
+    _assert_same_index(tfds_builders.prepared_index(
+        "vindr", data_dir, split, 40, rule="any"), index)
   # Another rule is another config, prepared separately.
   with pytest.raises(UserError, match="not prepared"):
     tfds_builders.data_source("vindr", data_dir, "train", 40)
@@ -116,6 +126,10 @@ def test_bad_image_error_or_skip(tmp_path):
     index = registry.read_index("vindr", root, split)
     keep = [i for i, p in enumerate(index.paths) if p not in paths]
     _assert_same(b.as_data_source(split), index.select(keep), 16)
+    # The prepared index leaves the skipped image out too: row i, record i.
+    _assert_same_index(
+        tfds_builders.prepared_index("vindr", str(tmp_path / "b"), split, 16),
+        index.select(keep))
 
 
 def test_command_line(tmp_path, capsys):

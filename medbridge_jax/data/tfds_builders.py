@@ -14,7 +14,9 @@ of a split is row i of its index):
   patient, study, path   text, as in the index
 
 `info.metadata` holds the label names, the reader options and the images
-skipped (with `on_bad_image="skip"`). grain reads a prepared split through
+skipped (with `on_bad_image="skip"`); `index-SPLIT.npz` next to the shards
+holds the split's index without images, so `prepared_index` gives a pod
+that has only the shards the index aligned with the records. grain reads a prepared split through
 `tfds.data_source("medbridge_mimic/s1024", split=..., data_dir=...)` (named
 configs: s256, s512, s1024 with the reader's defaults) or `data_source`
 below (any side and reader options), and `grain.MapDataset.source(...)`.
@@ -163,6 +165,25 @@ class _IndexBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if len(skipped) == len(index) and len(index):
       raise UserError(f"every image of {self.DATASET} split {index.split!r} "
                       f"is missing or corrupt, e.g. {first_problem}")
+    bad = set(skipped)
+    kept = index.select([i for i, p in enumerate(index.paths) if p not in bad])
+    # Written inside tfds' temporary folder, moved into place with the shards.
+    _write_index(self.data_path / _index_file(index.split), kept)
+
+
+def _index_file(split: str) -> str:
+  return f"index-{split}.npz"
+
+
+def _write_index(path: epath.Path, index: index_lib.Index) -> None:
+  """The records' index (no images) as numpy arrays, for `prepared_index`."""
+  with path.open("wb") as f:
+    np.savez(f, dataset=index.dataset, split=index.split,
+             paths=np.array(index.paths, str),
+             patients=np.array(index.patients, str),
+             studies=np.array(index.studies, str),
+             label_names=np.array(index.label_names, str),
+             labels=index.labels)
 
 
 def _encode(root: str, path: str, size: int) -> bytes | UserError:
@@ -325,3 +346,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   sys.exit(main())
+
+
+def prepared_index(dataset: str, data_dir: str, split: str,
+                   image_size: int = 1024, **reader_options
+                   ) -> index_lib.Index:
+  """The index of a prepared split, row i describing record i, read without
+  the data set's label files or any image (what a pod that has only the
+  shards uses). Its `root` is the prepared folder; its paths are the
+  original relative paths, for messages only.
+  """
+  data_source(dataset, data_dir, split, image_size, **reader_options)
+  b = builder(dataset, data_dir, image_size, **reader_options)
+  path = b.data_path / _index_file(split)
+  try:
+    with path.open("rb") as f:
+      z = np.load(f)
+      arrays = {k: z[k] for k in z.files}
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{path}: cannot read the prepared index ({e})") from e
+  return index_lib.Index(
+      dataset=str(arrays["dataset"]), split=str(arrays["split"]),
+      root=os.fspath(b.data_path), paths=tuple(arrays["paths"].tolist()),
+      patients=tuple(arrays["patients"].tolist()),
+      studies=tuple(arrays["studies"].tolist()),
+      label_names=tuple(arrays["label_names"].tolist()),
+      labels=arrays["labels"].astype(np.float32))
