@@ -64,7 +64,8 @@ LABEL_ROWS = {
 def _fixture(root, gz=True, label_file="chexpert.csv", dicoms=DICOMS,
              label_rows=LABEL_ROWS):
   _write(root, "split.csv",
-         [SPLIT_HEADER] + [f"{d},{st},{su},{sp}" for d, st, su, sp, _ in dicoms],
+         [SPLIT_HEADER]
+         + [f"{d},{st},{su},{sp}" for d, st, su, sp, _ in dicoms],
          gz)
   _write(root, "metadata.csv",
          [META_HEADER] + [_meta(d, su, st, v) for d, st, su, _, v in dicoms],
@@ -121,7 +122,8 @@ def test_negbio_labeler(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda d, l: (d, {**l, 50000001: (10000032, ["2.0"] + l[50000001][1][1:])}),
+    (lambda d, l: (d, {**l, 50000001: (10000032,
+                                        ["2.0"] + l[50000001][1][1:])}),
      r"chexpert.csv.gz: line 2: Atelectasis is '2.0'; expected 1, 0, -1 or"),
     (lambda d, l: ([d[0][:3] + ("validation", "PA")] + d[1:], l),
      r"split.csv.gz: line 2: split is 'validation'; expected train, validate"),
@@ -140,7 +142,8 @@ def test_bad_input_names_file_line_value(tmp_path, edit, message):
 
 def test_split_file_naming_unknown_image(tmp_path):
   _fixture(tmp_path)
-  _write(tmp_path, "split.csv", [SPLIT_HEADER, "deadbeef,50000001,10000032,train"])
+  _write(tmp_path, "split.csv",
+         [SPLIT_HEADER, "deadbeef,50000001,10000032,train"])
   with pytest.raises(UserError, match=r"split.csv.gz: line 2: dicom_id "
                      r"'deadbeef' is not in .*metadata.csv.gz"):
     mimic.read(str(tmp_path), "train")
@@ -165,7 +168,8 @@ def test_100k_rows(tmp_path):
   views = np.array(["PA", "AP", "LATERAL", "LL"])[i % 4]
   _write(tmp_path, "split.csv", [SPLIT_HEADER] + [
       f"{d},{st},{su},{sp}" for d, st, su, sp in zip(
-          dicom_ids, studies.tolist(), subjects.tolist(), split_names.tolist())])
+          dicom_ids, studies.tolist(), subjects.tolist(),
+          split_names.tolist())])
   _write(tmp_path, "metadata.csv", [META_HEADER] + [
       _meta(d, su, st, v) for d, su, st, v in zip(
           dicom_ids, subjects.tolist(), studies.tolist(), views.tolist())])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medbridge_jax.data import rsna
+from medbridge_jax.data import splits
 from medbridge_jax.errors import UserError
 
 HEADER = "patientId,x,y,width,height,Target"
@@ -105,7 +106,6 @@ def _many(root, n=200, order=None):
 
 
 def test_derived_patient_level_splits(tmp_path):
-  from medbridge_jax.data import splits  # pylint: disable=g-import-not-at-top
   root = _many(tmp_path)
   parts = {s: rsna.read(root, s) for s in ("train", "valid", "test")}
   assert {s: len(i) for s, i in parts.items()} == {

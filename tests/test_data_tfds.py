@@ -13,6 +13,7 @@ import test_data_vindr as vindr_fixture
 from medbridge_jax.data import dicom
 from medbridge_jax.data import images
 from medbridge_jax.data import registry
+from medbridge_jax.data import synthetic
 from medbridge_jax.data import tfds_builders
 from medbridge_jax.errors import UserError
 
@@ -169,7 +170,6 @@ def _rsna_root(tmp_path):
 
 
 def test_every_other_builder_matches_its_reader(tmp_path):
-  from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   cache = str(tmp_path / "cache")
   chexpert_root = synthetic.ensure(cache, 4, 0, "chexpert", 64)
   nih_root = synthetic.ensure(cache, 4, 0, "nih", 64)

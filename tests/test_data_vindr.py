@@ -1,10 +1,12 @@
 """VinDr-CXR readers on fixtures in PhysioNet's and Kaggle's layouts."""
 
+import gzip
 import os
 
 import numpy as np
 import pytest
 
+from medbridge_jax.data import splits
 from medbridge_jax.data import vindr
 from medbridge_jax.errors import UserError
 
@@ -85,7 +87,6 @@ def test_test_split_consensus_and_all(physionet):
 
 
 def test_gz_and_explicit_variant(tmp_path):
-  import gzip  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.join(tmp_path, "annotations"))
   with open(os.path.join(tmp_path, "annotations/image_labels_train.csv.gz"),
             "wb") as f:
@@ -173,7 +174,6 @@ def test_bad_kaggle_input(tmp_path, row, message):
 
 
 def test_train_valid_hold_out_by_image(tmp_path):
-  from medbridge_jax.data import splits  # pylint: disable=g-import-not-at-top
   ids = [f"{k:032x}" for k in range(40)]
   _write(tmp_path, "annotations/image_labels_train.csv",
          [HEADER] + [_row(i, f"R{r}", [CARDIO] if k % 2 else [])

@@ -5,9 +5,11 @@ line through `errors.exit_on_user_error` rather than argparse's usage block.
 """
 
 import argparse
+import inspect
 import json
 from typing import Sequence
 
+from medbridge_jax.data import registry
 from medbridge_jax.errors import UserError
 
 DATASETS = ("chexpert", "nih", "mimic", "vindr", "rsna", "synthetic")
@@ -51,8 +53,6 @@ def reader_options(pairs: Sequence[str]) -> dict:
 
 def read_index(dataset: str, root: str, split: str, options: dict):
   """registry.read_index, refusing options the reader does not take."""
-  import inspect  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.data import registry  # pylint: disable=g-import-not-at-top
   params = inspect.signature(registry.reader(dataset)).parameters
   known = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
   for key in options:

@@ -35,7 +35,8 @@ def find(root: str, *names: str) -> str:
 
 def exists(root: str, name: str) -> bool:
   """Whether `name` or `name.gz` is a file under `root`."""
-  return any(os.path.isfile(os.path.join(root, n)) for n in (name, name + ".gz"))
+  return any(os.path.isfile(os.path.join(root, n))
+             for n in (name, name + ".gz"))
 
 
 def read_text(path: str) -> str:

@@ -160,7 +160,7 @@ def write_dicom(path: str, stored: np.ndarray, *,
                 rescale: tuple[float, float] | None = None,
                 voi_lut: tuple[int, int, np.ndarray] | None = None,
                 patient_id: str = "anonymous") -> None:
-  """Writes a minimal uncompressed DX DICOM file (test fixtures, synthetic data).
+  """Writes a minimal uncompressed DX DICOM file (fixtures, synthetic data).
 
   Args:
     path: where to write.

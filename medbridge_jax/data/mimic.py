@@ -136,7 +136,8 @@ def _view_mask(root: str, table: csvio.Table, dicoms: np.ndarray,
     if wrong.any():
       i = int(np.argmax(wrong))
       meta.fail_row(
-          int(at[i]), f"dicom_id {str(dicoms[i])!r} has {column} {theirs[i]}, but "
+          int(at[i]), f"dicom_id {str(dicoms[i])!r} has {column} "
+          f"{theirs[i]}, but "
           f"{table.path} line {table.lines[i]} gives {ids[i]}")
   return np.isin(np.char.strip(meta["ViewPosition"])[at], list(views))
 

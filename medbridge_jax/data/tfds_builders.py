@@ -14,16 +14,14 @@ of a split is row i of its index):
   patient, study, path   text, as in the index
 
 `info.metadata` holds the label names, the reader options and the images
-skipped (with `on_bad_image="skip"`); `index-SPLIT.npz` next to the shards
-holds the split's index without images, so `prepared_index` gives a pod
-that has only the shards the index aligned with the records. grain reads a prepared split through
-`tfds.data_source("medbridge_mimic/s1024", split=..., data_dir=...)` (named
-configs: s256, s512, s1024 with the reader's defaults) or `data_source`
-below (any side and reader options), and `grain.MapDataset.source(...)`.
+skipped (with `on_bad_image="skip"`). `index-SPLIT.npz`, next to the shards,
+holds the split's index without images: `prepared_index` gives a pod that
+has only the shards the index aligned with the records (row i, record i).
 
-From the command line (or `tfds build medbridge_mimic --imports
-medbridge_jax.data.tfds_builders --manual_dir=DIR --config=s1024
---file_format=array_record` for the named configs):
+grain reads a prepared split through `tfds.data_source(
+"medbridge_mimic/s1024", split=..., data_dir=...)` (named configs s256, s512,
+s1024, with the reader's defaults) or `data_source` below (any side and
+reader options), wrapped in `grain.MapDataset.source(...)`. To prepare:
 
   python -m medbridge_jax.data.tfds_builders --dataset=mimic --root=DIR \
       --data_dir=gs://bucket/tfds --image_size=1024 --workers=16
@@ -47,11 +45,13 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from medbridge_jax import errors
+from medbridge_jax.data import chexpert
 from medbridge_jax.data import cli
 from medbridge_jax.data import csvio
 from medbridge_jax.data import images
 from medbridge_jax.data import index as index_lib
 from medbridge_jax.data import registry
+from medbridge_jax.data import synthetic
 from medbridge_jax.errors import UserError
 
 DEFAULT_SIZES = (256, 512, 1024)
@@ -223,7 +223,6 @@ class MedbridgeChexpert(_IndexBuilder):
 
 def _chexpert_splits(root: str) -> tuple[str, ...]:
   """CheXpert's test labels are optional (released later, separately)."""
-  from medbridge_jax.data import chexpert  # pylint: disable=g-import-not-at-top
   folders = [os.path.join(root, f) for f in chexpert.FOLDERS] + [root]
   has_test = any(csvio.exists(f, n) for f in folders
                  for n in chexpert.SPLIT_FILES["test"])
@@ -266,7 +265,6 @@ class MedbridgeSynthetic(_IndexBuilder):
   DATASET = "synthetic"
 
   def _splits(self, root):
-    from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     if os.path.isdir(os.path.join(root, synthetic.CHEXPERT_FOLDER)):
       return _chexpert_splits(root)
     return ("train", "valid", "test")
