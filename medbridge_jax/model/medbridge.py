@@ -240,44 +240,67 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
   return MedBridge(tuple(specs), len(labels), settings)
 
 
-def load_towers(params: dict, experts: Sequence[Any]) -> dict:
-  """`params` with each expert_{k}/tower replaced by the loaded weights.
+def _shape(x) -> Tuple[int, ...]:
+  return tuple(getattr(x, "shape", np.shape(x)))
 
-  Every path and shape must match exactly; the first difference is an
-  error naming it. Loaded values are cast to float32.
-  """
+
+def check_tower(model_tower: Any, expert: Any) -> dict:
+  """The expert's vision params as float32, after checking them against the
+  model's tower subtree (arrays or ShapeDtypeStructs): every path and shape
+  must match; the first difference is an error naming it."""
+  want = traverse_util.flatten_dict(dict(model_tower), sep="/")
+  have = traverse_util.flatten_dict(dict(expert.params["vision"]), sep="/")
+  for path in sorted(set(want) | set(have)):
+    if path not in have:
+      raise UserError(f"expert {expert.name}: tower parameter {path!r} "
+                      f"missing from the loaded weights")
+    if path not in want:
+      raise UserError(f"expert {expert.name}: loaded parameter {path!r} is "
+                      f"not in the model's tower")
+    if _shape(have[path]) != _shape(want[path]):
+      raise UserError(f"expert {expert.name}: tower parameter {path!r} has "
+                      f"shape {_shape(have[path])}, the model expects "
+                      f"{_shape(want[path])}")
+  return traverse_util.unflatten_dict(
+      {p: jnp.asarray(v, jnp.float32) for p, v in have.items()}, sep="/")
+
+
+def load_towers(params: dict, experts: Sequence[Any]) -> dict:
+  """`params` with each expert_{k}/tower replaced by the loaded weights."""
   params = dict(params)
   for k, e in enumerate(experts):
-    name = f"expert_{k}"
-    branch = dict(params[name])
-    want = traverse_util.flatten_dict(branch["tower"], sep="/")
-    have = traverse_util.flatten_dict(dict(e.params["vision"]), sep="/")
-    for path in sorted(set(want) | set(have)):
-      if path not in have:
-        raise UserError(f"expert {e.name}: tower parameter {path!r} missing "
-                        f"from the loaded weights")
-      if path not in want:
-        raise UserError(f"expert {e.name}: loaded parameter {path!r} is not "
-                        f"in the model's tower")
-      if tuple(np.shape(have[path])) != tuple(np.shape(want[path])):
-        raise UserError(f"expert {e.name}: tower parameter {path!r} has shape "
-                        f"{np.shape(have[path])}, the model expects "
-                        f"{np.shape(want[path])}")
-    branch["tower"] = traverse_util.unflatten_dict(
-        {p: jnp.asarray(v, jnp.float32) for p, v in have.items()}, sep="/")
-    params[name] = branch
+    branch = dict(params[f"expert_{k}"])
+    branch["tower"] = check_tower(branch["tower"], e)
+    params[f"expert_{k}"] = branch
   return params
 
 
 def init_params(model: MedBridge, rng: Array, experts: Sequence[Any],
                 image_size: int) -> dict:
-  """Random MedBridge params (the "params" collection) with loaded towers.
+  """MedBridge params (the "params" collection): loaded towers, the rest
+  initialised randomly from `rng`.
 
-  `image_size` is the stored image side H = W. Initialisation runs jitted
-  on one example (XLA drops the forward pass; only params are returned).
+  `image_size` is the stored image side H = W. The towers are never
+  randomly initialised: their loaded weights are checked against the
+  model's abstract params, then handed to a jitted, mutable apply that only
+  creates the missing (MedBridge) params; XLA drops the unused forward.
   """
+  if len(experts) != len(model.experts):
+    raise ValueError(f"{len(experts)} experts for a model of "
+                     f"{len(model.experts)}")
   images = jnp.zeros((1, image_size, image_size), jnp.float32)
   p_rng, f_rng = jax.random.split(rng)
-  init = jax.jit(lambda r, f: model.init({"params": r, "focal": f}, images,
-                                         train=True)["params"])
-  return load_towers(init(p_rng, f_rng), experts)
+  abstract = jax.eval_shape(
+      lambda r, f: model.init({"params": r, "focal": f}, images,
+                              train=True)["params"], p_rng, f_rng)
+  towers = [check_tower(abstract[f"expert_{k}"]["tower"], e)
+            for k, e in enumerate(experts)]
+
+  def init(r, f, towers):
+    given = {"params": {f"expert_{k}": {"tower": t}
+                        for k, t in enumerate(towers)}}
+    _, new = model.apply(given, images, train=True,
+                         rngs={"params": r, "focal": f}, mutable=["params"])
+    return new["params"]
+
+  return jax.jit(init)(p_rng, f_rng, towers)
