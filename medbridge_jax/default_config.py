@@ -45,7 +45,7 @@ def get_default() -> ml_collections.ConfigDict:
   # ---- Model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32).
-  c.model.attention_impl = ""  # Frozen towers' attention: "" (XLA) | cudnn.
+  c.model.attention_impl = "auto"  # auto | xla | cudnn (choose_attention).
   c.model.focal = ml_collections.ConfigDict()
   c.model.focal.enabled = True  # False: the global view only.
   c.model.focal.num_local = 4  # N-1 random local crops per image in training.
@@ -54,6 +54,7 @@ def get_default() -> ml_collections.ConfigDict:
   c.model.focal.lung_bias = 0.0  # 0 = uniform crop centres; 1 = lung fields only.
   c.model.focal.zoom = 0.0  # >0: crop side = expert input side / zoom.
   c.model.focal.resize = "linear"  # Antialiased: linear | cubic | lanczos3.
+  c.model.focal.train_windows = "random"  # random | sliding (eval windows).
   c.model.queries = ml_collections.ConfigDict()
   c.model.queries.enabled = True  # False: linear probe on pooled frozen features.
   c.model.queries.num_queries = 4  # Q learnable query tokens per expert.

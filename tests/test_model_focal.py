@@ -89,11 +89,19 @@ def test_lung_bias_puts_crop_centres_in_the_lung_fields():
                                          crop, lung_bias=1.0))
   centre = corners + crop / 2
   rows, cols = centre[..., 0] / h, centre[..., 1] / w
-  assert rows.min() >= 1 / 6 - 0.01 and rows.max() <= 5 / 6 + 0.01
-  in_left = cols <= 1 / 3 + 0.01
-  in_right = cols >= 2 / 3 - 0.01
+  assert rows.min() >= 0.10 - 0.01 and rows.max() <= 0.80 + 0.01
+  in_left = (cols >= 0.10 - 0.01) & (cols <= 0.45 + 0.01)
+  in_right = (cols >= 0.55 - 0.01) & (cols <= 0.90 + 0.01)
   assert np.all(in_left | in_right)
   assert 0.3 < in_left.mean() < 0.7  # both lungs
+  # Half the crops biased: about half land in the mediastinum strip or
+  # outside the boxes as often as uniform crops do.
+  half = np.asarray(fs.random_windows(jax.random.key(1), 64, 16, h, w, crop,
+                                      lung_bias=0.5)) + crop / 2
+  mid = np.abs(half[..., 1] / w - 0.5) < 0.05
+  full = corners + crop / 2
+  assert 0 < mid.mean() < 0.1 * 0.75
+  assert not np.any(np.abs(full[..., 1] / w - 0.5) < 0.045)  # rounding
 
 
 def test_training_views_match_their_corners():
@@ -124,6 +132,15 @@ def test_global_view_is_antialiased():
   # Same size: exactly the input.
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16))
   np.testing.assert_array_equal(fs.resize(x, 16), x)
+
+
+def test_sliding_windows_in_training_when_asked():
+  images = coordinate_image(1, 48, 48)
+  a = fs.views(images, side=16, crop=16, num_local=3, train=True,
+               overlap=0.5, train_windows="sliding")
+  b = fs.views(images, side=16, crop=16, num_local=3, train=False,
+               overlap=0.5)
+  np.testing.assert_array_equal(a, b)
 
 
 def test_focal_off_gives_global_view_only():

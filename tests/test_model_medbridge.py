@@ -203,12 +203,16 @@ def test_non_destructive_training_costs_about_one_forward(experts):
 def test_eight_devices_agree_with_one(main):
   model, params, run = main
   assert jax.device_count() == 8
-  x = images(8, seed=5)
+  # The sharded run gets uint8 images (as the pipeline delivers them); the
+  # model scales them on the device exactly as x / 255.
+  x8 = jax.random.randint(jax.random.key(5), (8, SIDE, SIDE), 0, 256,
+                          jnp.int32).astype(jnp.uint8)
+  x = x8.astype(jnp.float32) / 255.0
   single = run(params, x)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  xs = jax.device_put(x, data)
+  xs = jax.device_put(x8, data)
   ps = jax.device_put(params, repl)
   sharded = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False),
                     in_shardings=(repl, data))(ps, xs)

@@ -32,9 +32,12 @@ from medbridge_jax.errors import UserError
 Array = jax.Array
 
 # Lung fields of a frontal chest X-ray as (row0, row1, col0, col1) fractions
-# of the image: the left and right thirds of the middle two-thirds of the
-# height. The central third holds the mediastinum and the spine.
-LUNG_BOXES = ((1 / 6, 5 / 6, 0.0, 1 / 3), (1 / 6, 5 / 6, 2 / 3, 1.0))
+# of the image: apices near 10% of the height, diaphragm domes near 75-80%;
+# each lung from the chest wall (~10% from the side) to the mediastinum and
+# spine (~45% from the side). Generous on purpose: a crop centred anywhere in
+# a box still sees lung.
+LUNG_BOXES = ((0.10, 0.80, 0.10, 0.45), (0.10, 0.80, 0.55, 0.90))
+TRAIN_WINDOWS = ("random", "sliding")
 
 RESIZE_METHODS = ("linear", "cubic", "lanczos3")
 
@@ -132,19 +135,24 @@ def extract(images: Array, corners: Array, crop: int) -> Array:
 
 def views(images: Array, *, side: int, crop: int, num_local: int,
           train: bool, key: Optional[Array] = None, overlap: float = 0.25,
-          lung_bias: float = 0.0, method: str = "linear") -> Array:
+          lung_bias: float = 0.0, method: str = "linear",
+          train_windows: str = "random") -> Array:
   """All views of `images` (B, H, W) for one expert: (B, N, side, side).
 
   View 0 is the global view. Then `num_local` random crops when training
-  (needs `key`) or every sliding window when evaluating. `num_local=0` gives
-  the global view only (focal sampling off).
+  (needs `key`; `train_windows="sliding"` uses the evaluation windows in
+  training too) or every sliding window when evaluating. `num_local=0`
+  gives the global view only (focal sampling off).
   """
   if images.ndim != 3:
     raise ValueError(f"images must be (B, H, W); got {images.shape}")
+  if train_windows not in TRAIN_WINDOWS:
+    raise UserError(f"model.focal.train_windows={train_windows!r}; expected "
+                    f"one of {TRAIN_WINDOWS}")
   b, h, w = images.shape
   out = [resize(images, side, method)[:, None]]
   if num_local > 0:
-    if train:
+    if train and train_windows == "random":
       if key is None:
         raise ValueError("training views need a PRNG key (rng stream 'focal')")
       corners = random_windows(key, b, num_local, h, w, crop, lung_bias)
@@ -156,10 +164,11 @@ def views(images: Array, *, side: int, crop: int, num_local: int,
 
 
 def num_views(height: int, width: int, *, crop: int, num_local: int,
-              train: bool, overlap: float) -> int:
+              train: bool, overlap: float,
+              train_windows: str = "random") -> int:
   """N, the number of views `views` returns for these settings."""
   if num_local <= 0:
     return 1
-  if train:
+  if train and train_windows == "random":
     return 1 + num_local
   return 1 + len(sliding_windows(height, width, crop, overlap))

@@ -67,6 +67,7 @@ class Settings:
   eval_overlap: float = 0.25
   lung_bias: float = 0.0
   resize: str = "linear"
+  train_windows: str = "random"  # random | sliding.
   num_queries: int = 4  # 0 = queries off (linear probe on pooled features).
   inject_layer: int = -2
   query_mode: str = "non_destructive"
@@ -118,7 +119,7 @@ class ExpertBranch(nn.Module):
     v = focal_sampling.views(
         images, side=side, crop=s.crop_for(side), num_local=s.num_local,
         train=train, key=key, overlap=s.eval_overlap, lung_bias=s.lung_bias,
-        method=s.resize)
+        method=s.resize, train_windows=s.train_windows)
     b, n = v.shape[:2]
     pixels = normalize(v.reshape(b * n, side, side), self.spec.mean,
                        self.spec.std)
@@ -139,16 +140,23 @@ class MedBridge(nn.Module):
   def __call__(self, images: Array, *, train: bool):
     """images (B, H, W) float32 in [0, 1] -> (logits (B, L) float32, aux).
 
+    uint8 images (0..255) are accepted too and scaled on the device, which
+    moves a quarter of the bytes from the host.
+
     aux: "gates" (B, K) or (B, K, L) for per-label gating, summing to 1 over
     K; "expert_logits" (B, K, L); "balance_loss" scalar (0 without a gate).
     Training draws crop positions from the rng stream "focal".
     """
     s = self.settings
-    images = jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(images)
+    if images.dtype == jnp.uint8:
+      images = images.astype(jnp.float32) / 255.0
+    images = images.astype(jnp.float32)
     if images.ndim != 3:
       raise UserError(f"images must be (batch, height, width); got "
                       f"{images.shape}")
-    key = self.make_rng("focal") if train and s.num_local > 0 else None
+    random_crops = s.num_local > 0 and s.train_windows == "random"
+    key = self.make_rng("focal") if train and random_crops else None
     outs = [ExpertBranch(spec, s, self.num_labels, name=f"expert_{k}")(
         images, train, key) for k, spec in enumerate(self.experts)]
     expert_logits = jnp.stack([o[0] for o in outs], axis=1)  # (B, K, L)
@@ -182,6 +190,7 @@ def settings_from_config(model_config: ml_collections.ConfigDict) -> Settings:
       eval_overlap=float(m.focal.eval_overlap),
       lung_bias=float(m.focal.lung_bias),
       resize=str(m.focal.resize),
+      train_windows=str(m.focal.train_windows),
       num_queries=int(m.queries.num_queries) if m.queries.enabled else 0,
       inject_layer=int(m.queries.inject_layer),
       query_mode=str(m.queries.mode),
