@@ -1,9 +1,10 @@
 """The composed MedBridge model on two tiny random experts.
 
 Two experts of different families, widths, depths and input sides (CLIP
-width 32, 2 layers at 32 px; SigLIP width 48, 1 layer at 24 px) written as Hugging Face folders and loaded
-through `experts.load`, as real checkpoints are. Stored images are 64 px with
-32 px crops. Everything is jitted: compilation dominates the run time.
+width 32, 2 layers at 32 px; SigLIP width 48, 1 layer at 24 px) written as
+Hugging Face folders and loaded through `experts.load`, as real checkpoints
+are. Stored images are 64 px with 32 px crops. Everything is jitted:
+compilation dominates the run time.
 """
 
 import dataclasses

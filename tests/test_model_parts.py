@@ -129,7 +129,10 @@ def test_text_initialised_head_is_the_zero_shot_logit():
   l, p, t = 3, 16, 2
   e = rng.normal(size=(l, 2, p))
   e /= np.linalg.norm(e, axis=-1, keepdims=True)
-  head = heads.Head(l, heads.as_tuple(heads.text_directions(e, 10.0)))
+  directions = heads.TextDirections(heads.text_directions(e, 10.0))
+  assert hash(directions) == hash(heads.TextDirections(directions.array))
+  assert repr(directions) == "TextDirections(shape=(3, 16))"
+  head = heads.Head(l, directions)
   x = jnp.asarray(rng.normal(size=(4, t, p)), jnp.float32)
   out = head.apply(head.init(jax.random.key(0), x), x)
   xn = np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)

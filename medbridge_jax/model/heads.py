@@ -19,7 +19,7 @@ Without text initialisation W starts at zero (big_vision's head init).
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -37,9 +37,28 @@ def text_directions(prompt_embeddings, logit_scale: float) -> np.ndarray:
   return (float(logit_scale) * (e[:, 0] - e[:, 1])).astype(np.float32)
 
 
-def as_tuple(a: np.ndarray) -> Tuple:
-  """A hashable nested tuple of a 2-D array (linen attributes)."""
-  return tuple(tuple(float(v) for v in row) for row in np.asarray(a))
+class TextDirections:
+  """(L, P) text-init rows as a hashable linen attribute with a short repr.
+
+  Linen modules are dataclasses that get hashed and printed in errors; a
+  bare array is neither hashable nor short.
+  """
+
+  def __init__(self, rows):
+    self.array = np.array(rows, np.float32)
+    self.array.setflags(write=False)
+    self._hash = hash((self.array.shape, self.array.tobytes()))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return (isinstance(other, TextDirections)
+            and self.array.shape == other.array.shape
+            and np.array_equal(self.array, other.array))
+
+  def __repr__(self):
+    return f"TextDirections(shape={self.array.shape})"
 
 
 def normalize(x: Array, eps: float = 1e-6) -> Array:
@@ -52,7 +71,7 @@ def normalize(x: Array, eps: float = 1e-6) -> Array:
 class Head(nn.Module):
   """(B, T, P) tokens -> (B, L) float32 logits."""
   num_labels: int
-  directions: Optional[Tuple] = None  # (L, P) text directions as tuples.
+  directions: Optional[TextDirections] = None  # None: zero init.
 
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
@@ -63,7 +82,7 @@ class Head(nn.Module):
       del key
       if self.directions is None:
         return jnp.zeros(shape, dtype)
-      d = jnp.asarray(self.directions, dtype)  # (L, P)
+      d = jnp.asarray(self.directions.array, dtype)  # (L, P)
       if d.shape != (l, p):
         raise ValueError(f"text directions {d.shape} do not match "
                          f"(labels, width) = {(l, p)}")

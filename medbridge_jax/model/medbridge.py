@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from medbridge_jax.errors import UserError
+from medbridge_jax.experts import zero_shot
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import fusion as fusion_lib
@@ -53,7 +54,7 @@ class ExpertSpec:
   side: int  # Input side of the views (the checkpoint's image size).
   mean: Tuple[float, float, float]
   std: Tuple[float, float, float]
-  directions: Optional[Tuple] = None  # (L, P) text-init rows, or None.
+  directions: Optional[heads.TextDirections] = None  # Text init, or None.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +225,6 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
   settings = settings_from_config(config.model)
   text_init = bool(config.model.head.text_init)
   if text_init and prompt_embeddings is None:
-    from medbridge_jax.experts import zero_shot  # pylint: disable=g-import-not-at-top
     prompt_embeddings = [
         zero_shot.prompt_embeddings(e, list(labels), config.zero_shot.positive,
                                     config.zero_shot.negative)
@@ -241,7 +241,7 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
       if rows.shape[0] != len(labels):
         raise ValueError(f"prompt embeddings of expert {k} have "
                          f"{rows.shape[0]} labels, expected {len(labels)}")
-      directions = heads.as_tuple(rows)
+      directions = heads.TextDirections(rows)
     specs.append(ExpertSpec(
         vision=e.vision.config, side=int(e.image_size),
         mean=tuple(float(x) for x in e.image_mean),

@@ -89,8 +89,9 @@ def describe(params, rules: Rules = DEFAULT_RULES) -> str:
   """One log line: trainable vs frozen parameter counts."""
   n = count(params, rules)
   total = max(1, n["train"] + n["frozen"])
-  return (f"parameters: {n['train']:,} trainable ({100 * n['train'] / total:.2f}"
-          f"%), {n['frozen']:,} frozen")
+  share = 100 * n["train"] / total
+  return (f"parameters: {n['train']:,} trainable ({share:.2f}%), "
+          f"{n['frozen']:,} frozen")
 
 
 def tree_size(tree) -> int:

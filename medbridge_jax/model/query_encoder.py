@@ -30,8 +30,6 @@ With queries disabled (Q = 0) only the frozen summary comes out: the linear
 probe ablation.
 """
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,24 +87,21 @@ class QueryEncoder(nn.Module):
       tokens = jax.lax.stop_gradient(tokens)
     tokens, extra = tower.encode_with_extra(tokens, extra, t1, num_layers,
                                             self.mode)
-    summary = tower.pool(tokens)
+    # Only differentiated paths need an attention kernel with a backward
+    # (layers.choose_attention).
+    summary = tower.pool(tokens, differentiated=not frozen)
     if frozen:
       summary = jax.lax.stop_gradient(summary)
-    pooled = tower.pool(extra.reshape(b * self.num_queries, 1, d))
+    pooled = tower.pool(extra.reshape(b * self.num_queries, 1, d),
+                        differentiated=True)
     pooled = pooled.reshape(b, self.num_queries, -1)
     out = jnp.concatenate([pooled, summary[:, None, :]], axis=1)
     return out.astype(jnp.float32)
 
 
-def summary_index(num_queries: int) -> int:
-  """Position of the frozen summary among an expert's T tokens."""
-  return num_queries
-
-
-def pooled_queries(tokens: Array, num_queries: int,
-                   axis: Optional[int] = -2) -> Array:
-  """Mean of the query tokens (the summary when there are none)."""
+def pooled_queries(tokens: Array, num_queries: int) -> Array:
+  """(B, P) mean of the Q query tokens of (B, T, P) tokens; the summary
+  (the only token) when there are no queries."""
   if num_queries == 0:
-    return jnp.take(tokens, 0, axis=axis)
-  return jnp.mean(jnp.take(tokens, jnp.arange(num_queries), axis=axis),
-                  axis=axis)
+    return tokens[:, 0]
+  return jnp.mean(tokens[:, :num_queries], axis=1)
