@@ -3,8 +3,8 @@
 Both families use the same pre-norm encoder layer (LayerNorm, multi-head
 self-attention, residual, LayerNorm, MLP, residual); they differ only in the
 activation and the LayerNorm epsilon. Params are float32; `dtype` is the
-compute dtype. Attention goes through `jax.nn.dot_product_attention` so that
-`attention_impl="cudnn"` can pick the fused kernel on GPU.
+compute dtype. Attention goes through `jax.nn.dot_product_attention`;
+`choose_attention` picks its implementation per platform and path.
 """
 
 from typing import Callable, Optional
@@ -61,9 +61,60 @@ def layer_norm(eps: float, dtype, name: Optional[str] = None) -> nn.LayerNorm:
                       name=name)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _on_nvidia_gpu() -> bool:
+  if jax.default_backend() != "gpu":
+    return False
+  client = getattr(jax.devices()[0], "client", None)
+  return "rocm" not in str(getattr(client, "platform_version", "")).lower()
+
+
+def choose_attention(impl: Optional[str], dtype, head_dim: int, *,
+                     differentiated: bool, masked: bool) -> Optional[str]:
+  """The `implementation` given to `jax.nn.dot_product_attention`.
+
+  The one place where the attention kernel is chosen, per platform and path.
+  A path is `differentiated` when a backward pass runs through it in
+  training (the Query-Encoder's query stream, joint-mode layers, the pooling
+  of the queries); the frozen image stream never is (stop_gradient).
+
+    None     JAX's default (XLA).
+    "xla"    XLA everywhere.
+    "cudnn"  cuDNN's fused kernel on paths without a backward, XLA on
+             differentiated ones: cuDNN's backward refused the ViT's
+             sequence length (197 tokens, "Unsupported sequence length",
+             on an H200), while its forward ran 1.5x faster than XLA's.
+    "auto"   "cudnn"'s choice where cuDNN can run (an NVIDIA GPU, bf16 or
+             f16, head dim a multiple of 8 up to 128, no mask), else XLA
+             (CPU, TPU, float32). The default config's choice.
+
+  The query stream is a handful of tokens, so XLA costs it little.
+  """
+  if impl is None:
+    return None
+  if impl not in ATTENTION_IMPLS:
+    raise UserError(f"attention implementation {impl!r}; expected one of "
+                    f"{ATTENTION_IMPLS}")
+  if impl == "xla" or differentiated:
+    return "xla"
+  if impl == "cudnn":
+    return "cudnn"
+  fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128 and not masked)
+  return "cudnn" if fits and _on_nvidia_gpu() else "xla"
+
+
 def attend(q: Array, k: Array, v: Array, mask: Optional[Array],
-           impl: Optional[str]) -> Array:
-  """Scaled dot-product attention over (B, T, N, H) tensors."""
+           impl: Optional[str], differentiated: bool = False) -> Array:
+  """Scaled dot-product attention over (B, T, N, H) tensors.
+
+  `impl` and `differentiated` go through `choose_attention`.
+  """
+  impl = choose_attention(impl, q.dtype, q.shape[-1],
+                          differentiated=differentiated,
+                          masked=mask is not None)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
@@ -94,9 +145,11 @@ class SelfAttention(nn.Module):
     b, t = heads.shape[:2]
     return self.out(heads.reshape(b, t, self.hidden_size))
 
-  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+  def __call__(self, x: Array, mask: Optional[Array] = None,
+               differentiated: bool = False) -> Array:
     q, k, v = self.qkv(x)
-    return self.project_out(attend(q, k, v, mask, self.attention_impl))
+    return self.project_out(
+        attend(q, k, v, mask, self.attention_impl, differentiated))
 
 
 class Mlp(nn.Module):
@@ -139,8 +192,9 @@ class EncoderLayer(nn.Module):
     x = x + attn_out
     return x + self.mlp(self.norm2(x))
 
-  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
-    return self._finish(x, self.attn(self.norm1(x), mask))
+  def __call__(self, x: Array, mask: Optional[Array] = None,
+               differentiated: bool = False) -> Array:
+    return self._finish(x, self.attn(self.norm1(x), mask, differentiated))
 
   def with_extra(self, x: Array, extra: Array):
     """One layer on image tokens `x` and extra tokens; see class docstring."""
@@ -153,6 +207,8 @@ class EncoderLayer(nn.Module):
     qe, ke, ve = self.attn.qkv(self.norm1(extra))
     keys = jnp.concatenate([k, ke], axis=1)
     values = jnp.concatenate([v, ve], axis=1)
-    e_heads = attend(qe, keys, values, None, self.attention_impl)
+    # The query stream is the one a training step differentiates.
+    e_heads = attend(qe, keys, values, None, self.attention_impl,
+                     differentiated=True)
     e_out = self._finish(extra, self.attn.project_out(e_heads))
     return x_out, e_out

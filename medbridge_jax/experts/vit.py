@@ -101,7 +101,7 @@ class MapHead(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, differentiated: bool = False) -> Array:
     c = self.config
     d, n = c.hidden_size, c.num_heads
     b, s, _ = x.shape
@@ -110,7 +110,8 @@ class MapHead(nn.Module):
     q = layers.dense(d, self.dtype, "query")(probe).reshape(b, 1, n, d // n)
     k = layers.dense(d, self.dtype, "key")(x).reshape(b, s, n, d // n)
     v = layers.dense(d, self.dtype, "value")(x).reshape(b, s, n, d // n)
-    h = layers.attend(q, k, v, None, self.attention_impl).reshape(b, 1, d)
+    h = layers.attend(q, k, v, None, self.attention_impl,
+                      differentiated).reshape(b, 1, d)
     h = layers.dense(d, self.dtype, "out")(h)
     y = layers.layer_norm(c.eps, self.dtype, "norm")(h)
     h = h + layers.Mlp(d, c.mlp_dim, c.act, self.dtype, name="mlp")(y)
@@ -126,7 +127,8 @@ class VisionTower(nn.Module):
   """
   config: VisionConfig
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = None  # None | "xla" | "cudnn".
+  # None | "auto" | "xla" | "cudnn": see layers.choose_attention.
+  attention_impl: Optional[str] = None
 
   @property
   def num_layers(self) -> int:
@@ -241,14 +243,18 @@ class VisionTower(nn.Module):
     s = x.shape[1]
     for layer in self.layers[start:end]:
       if mode == "joint":
-        y = layer(jnp.concatenate([x, e], axis=1))
+        y = layer(jnp.concatenate([x, e], axis=1), differentiated=True)
         x, e = y[:, :s], y[:, s:]
       else:
         x, e = layer.with_extra(x, e)
     return x, e
 
-  def pool(self, tokens: Array) -> Array:
-    """Image features (B, P), what transformers' get_image_features gives."""
+  def pool(self, tokens: Array, differentiated: bool = False) -> Array:
+    """Image features (B, P), what transformers' get_image_features gives.
+
+    `differentiated`: a training step backpropagates through this pooling
+    (see layers.choose_attention).
+    """
     c = self.config
     x = jnp.asarray(tokens, self.dtype)
     if c.family == "clip":
@@ -257,7 +263,7 @@ class VisionTower(nn.Module):
     x = self.post_norm(x)
     # Without a head transformers has no pooled output; the token mean is
     # the usual stand-in (big_vision's "gap").
-    return self.head(x) if c.use_head else x.mean(axis=1)
+    return self.head(x, differentiated) if c.use_head else x.mean(axis=1)
 
   def __call__(self, pixels: Array, output_hidden_states: bool = False):
     """(features, hidden_states): hidden states as transformers lists them
