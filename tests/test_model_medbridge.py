@@ -117,13 +117,13 @@ def test_shapes_dtypes_and_param_layout(main, experts):
 def test_non_destructive_stream_is_the_plain_backbone(experts):
   """The frozen summary equals the expert's own image features, bit for bit."""
   e = experts[0]
-  pixels = e.normalize(jax.random.uniform(jax.random.key(1), (3, 32, 32, 1)))
+  pixels = e.normalize(jax.random.uniform(jax.random.key(1), (4, 32, 32, 1)))
   probe = ProbeEncoder(e.vision.clone(), "non_destructive", 3, 1)
-  variables = jax.jit(probe.init)(jax.random.key(0), pixels)
+  queries = jax.random.normal(jax.random.key(0), (3, 32))
   variables = {"params": {"tower": e.params["vision"],
-                          "encoder": variables["params"]["encoder"]}}
+                          "encoder": {"queries": queries}}}
   out = jax.jit(probe.apply)(variables, pixels)
-  assert out.shape == (3, 4, 32)
+  assert out.shape == (4, 4, 32)
   np.testing.assert_array_equal(out[:, -1], e.image_features(pixels))
   # The queries really read the image: different images, different queries.
   assert not np.allclose(out[0, :3], out[1, :3])
