@@ -61,7 +61,7 @@ class ExpertSpec:
 class Settings:
   """Every switch of the model (from `config.model`)."""
   dtype: Any = jnp.float32  # Compute dtype of the frozen towers.
-  attention_impl: Optional[str] = None  # None (XLA) | "cudnn".
+  attention_impl: Optional[str] = None  # None | auto | xla | cudnn.
   num_local: int = 4  # Local views in training; 0 = focal sampling off.
   crop_size: int = 64
   zoom: float = 0.0  # > 0: crop side = expert side / zoom, per expert.
