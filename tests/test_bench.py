@@ -23,6 +23,7 @@ from medbridge_jax.bench_lib import timing
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import layers
 from medbridge_jax.experts.vit import VisionConfig
+from medbridge_jax.experts.vit import VisionTower
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import partition
 
@@ -222,3 +223,30 @@ def test_cli_prints_json_lines(cache):
   assert p["workers"] == 1 and p["input_size"] == 256
   assert p["images_per_s"] > 0 and p["images_per_s_per_worker"] > 0
   assert p["workers_to_feed_train"] >= 1
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
+
+
+def test_bf16_frozen_stream_keeps_float32_params():
+  """--dtype=bfloat16: every matmul and conv of the tower runs in bf16 on
+  float32 params cast at use."""
+  tower = VisionTower(_vit(num_layers=2), dtype=jnp.bfloat16,
+                      attention_impl="auto")
+  pixels = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  params = jax.eval_shape(tower.init, jax.random.key(0), pixels)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  closed = jax.make_jaxpr(lambda p, x: tower.apply(p, x)[0])(params, pixels)
+  heavy = [e for e in _equations(closed.jaxpr)
+           if e.primitive.name in ("dot_general", "conv_general_dilated")]
+  assert len(heavy) > 10
+  for e in heavy:
+    assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
