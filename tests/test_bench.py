@@ -89,10 +89,11 @@ def test_choose_attention(monkeypatch):
   bf16, f32 = jnp.bfloat16, jnp.float32
 
   def pick(impl, dtype=bf16, head_dim=64, differentiated=False,
-           masked=False):
+           masked=False, self_attention=True):
     return layers.choose_attention(impl, dtype, head_dim,
                                    differentiated=differentiated,
-                                   masked=masked)
+                                   masked=masked,
+                                   self_attention=self_attention)
 
   assert pick(None) is None
   assert pick("xla") == "xla"
@@ -105,6 +106,7 @@ def test_choose_attention(monkeypatch):
   assert pick("auto", dtype=f32) == "xla"
   assert pick("auto", head_dim=12) == "xla"
   assert pick("auto", masked=True) == "xla"
+  assert pick("auto", self_attention=False) == "xla"  # SigLIP's pooling.
   assert pick("cudnn") == "cudnn"
   assert pick("cudnn", differentiated=True) == "xla"
 
@@ -167,6 +169,7 @@ def test_no_backward_runs_through_a_cudnn_path(mode, cache, monkeypatch):
     seen.append(implementation)
     if implementation == "cudnn":
       assert mask is None and q.dtype == jnp.bfloat16
+      assert q.shape[1] == k.shape[1]  # Self-attention of image tokens.
       return fake_cudnn(q, k, v)
     return real(q, k, v, mask=mask, implementation=implementation, **kw)
 

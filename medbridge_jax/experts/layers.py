@@ -72,7 +72,8 @@ def _on_nvidia_gpu() -> bool:
 
 
 def choose_attention(impl: Optional[str], dtype, head_dim: int, *,
-                     differentiated: bool, masked: bool) -> Optional[str]:
+                     differentiated: bool, masked: bool,
+                     self_attention: bool = True) -> Optional[str]:
   """The `implementation` given to `jax.nn.dot_product_attention`.
 
   The one place where the attention kernel is chosen, per platform and path.
@@ -86,9 +87,11 @@ def choose_attention(impl: Optional[str], dtype, head_dim: int, *,
              differentiated ones: cuDNN's backward refused the ViT's
              sequence length (197 tokens, "Unsupported sequence length",
              on an H200), while its forward ran 1.5x faster than XLA's.
-    "auto"   "cudnn"'s choice where cuDNN can run (an NVIDIA GPU, bf16 or
-             f16, head dim a multiple of 8 up to 128, no mask), else XLA
-             (CPU, TPU, float32). The default config's choice.
+    "auto"   "cudnn"'s choice where cuDNN can run and was measured to pay
+             (an NVIDIA GPU, bf16 or f16, head dim a multiple of 8 up to
+             128, no mask, tokens attending to the same tokens: not SigLIP's
+             one-query pooling), else XLA (CPU, TPU, float32). The default
+             config's choice.
 
   The query stream is a handful of tokens, so XLA costs it little.
   """
@@ -102,7 +105,8 @@ def choose_attention(impl: Optional[str], dtype, head_dim: int, *,
   if impl == "cudnn":
     return "cudnn"
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-          and head_dim % 8 == 0 and head_dim <= 128 and not masked)
+          and head_dim % 8 == 0 and head_dim <= 128 and not masked
+          and self_attention)
   return "cudnn" if fits and _on_nvidia_gpu() else "xla"
 
 
@@ -114,7 +118,8 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array],
   """
   impl = choose_attention(impl, q.dtype, q.shape[-1],
                           differentiated=differentiated,
-                          masked=mask is not None)
+                          masked=mask is not None,
+                          self_attention=q.shape[1] == k.shape[1])
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
