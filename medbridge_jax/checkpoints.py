@@ -162,7 +162,8 @@ class Checkpointer:
     """The newest readable checkpoint as (state, meta), or None if none.
 
     Args:
-      abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings.
+      abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings; None
+        restores the arrays as saved (for inspection).
       config: the current config as a dict (checked against the saved one).
     """
     steps = sorted(self._periodic.all_steps(), reverse=True)
@@ -182,6 +183,8 @@ class Checkpointer:
       try:
         restored = self._periodic.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
+        if abstract_state is None:
+          restored = jax.tree.map(np.asarray, restored)
         if not all_finite(restored):
           raise ValueError("it holds NaN or inf")
       except Exception as e:  # pylint: disable=broad-except

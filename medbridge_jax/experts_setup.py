@@ -115,3 +115,10 @@ def load(config: ml_collections.ConfigDict) -> list:
         "randomly initialised experts (%s) from %s.", len(paths),
         "; ".join(config.random_experts), os.path.dirname(paths[0]))
   return [experts.load(p, dtype=dtype) for p in paths]
+
+
+def display_names(loaded: Sequence, real: bool) -> list[str]:
+  """Short unique names for reports: the folder name, or "clip (random)"."""
+  names = [e.name if real else f"{e.family} (random)" for e in loaded]
+  return [f"{n} #{k}" if names.count(n) > 1 else n
+          for k, n in enumerate(names)]

@@ -231,7 +231,8 @@ def _check_finite(step: int, m: dict, last_saved: Optional[int]) -> None:
             if last_saved is not None else "no checkpoint was saved")
     raise NonFiniteLoss(
         f"non-finite {', '.join(f'{k}={v}' for k, v in sorted(bad.items()))} "
-        f"at step {step}; stopped, {kept} (try a lower config.train.lr)")
+        f"at step {step}; stopped, {kept} (check the data, or lower "
+        f"config.train.lr)")
 
 
 def _is_due(step: int, every: int) -> bool:
@@ -300,6 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                len(data.train.index), len(data.eval.index), data.eval.name,
                len(label_names))
   experts = experts_setup.load(config)
+  expert_names = experts_setup.display_names(experts, bool(config.experts))
   prompts = [zero_shot.prompt_embeddings(e, list(label_names),
                                          config.zero_shot.positive,
                                          config.zero_shot.negative)
@@ -457,11 +459,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   sets = {data.eval.name: {"MedBridge": final}}
   zs_names = {}
   if config.zero_shot.enabled:
-    for e, p in zip(experts, prompts):
-      zs_names[e.name] = f"zero-shot {e.name}"
+    for e, p, name in zip(experts, prompts, expert_names):
+      zs_names[name] = f"zero-shot {name}"
       zs_fn = evaluate.make_zero_shot_fn(e, p)
       for es in [data.eval] + data.tests:
-        sets.setdefault(es.name, {})[zs_names[e.name]] = evaluate.evaluate(
+        sets.setdefault(es.name, {})[zs_names[name]] = evaluate.evaluate(
             zs_fn, es, seed=int(config.seed), **eval_kwargs)
   for es in data.tests:
     sets[es.name]["MedBridge"] = run_eval(
@@ -484,7 +486,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         f"({config.data.root or 'synthetic, generated in the cache'}), "
         f"{len(data.train.index)} training images, labels: "
         f"{', '.join(label_names)}.",
-        f"Experts: {', '.join(e.name for e in experts)}"
+        "Experts: " + ", ".join(
+            f"{n} ({e.path})" for n, e in zip(expert_names, experts))
         + (" (small random experts: no pretrained weights configured)."
            if not config.experts else "."),
         f"Training: {total_steps} steps of batch {tc.batch_size}, seed "
