@@ -310,22 +310,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                           prompt_embeddings=prompts)
 
   # Parameters: shapes first, then a jitted init that lays them out directly
-  # on the mesh (replicated: data parallel).
+  # on the mesh (replicated: data parallel). The towers come from the loaded
+  # experts (checked against the shapes); only MedBridge's own parameters are
+  # initialised, which keeps the towers' random init out of the compilation.
   replicated = sharding.replicated(mesh)
   init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
-  size = int(config.data.image_size)
+  images = jnp.zeros((1,) + (int(config.data.image_size),) * 2, jnp.float32)
+  abstract = jax.eval_shape(
+      lambda k: model.init({"params": k}, images, train=False)["params"],
+      init_key)
+  towers = jax.device_put(
+      [medbridge.check_tower(abstract[f"expert_{k}"]["tower"], e)
+       for k, e in enumerate(experts)], replicated)
 
-  def init(key):
-    # Evaluation mode: the same parameters, and it compiles several times
-    # faster than the training path's random crops.
-    return model.init({"params": key}, jnp.zeros((1, size, size), jnp.float32),
-                      train=False)["params"]
+  def init(key, towers):
+    given = {"params": {f"expert_{k}": {"tower": t}
+                        for k, t in enumerate(towers)}}
+    # Evaluation mode: the same parameters, no random crops to compile.
+    _, new = model.apply(given, images, train=False, rngs={"params": key},
+                         mutable=["params"])
+    return new["params"]
 
-  abstract = jax.eval_shape(init, init_key)
   params = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated,
-                                                    abstract))(init_key)
-  params = medbridge.load_towers(params, experts)
-  params = jax.device_put(params, replicated)
+                                                    abstract))(init_key, towers)
+  del towers
   logging.info("%s.", partition.describe(params))
   trainable, frozen = partition.split(params)
   del params
@@ -351,6 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if restored is not None:
     state, meta = restored
     start_step = int(meta["step"])
+    if start_step > total_steps:
+      raise errors.UserError(
+          f"the workdir's checkpoint is at step {start_step}, beyond "
+          f"config.train.steps={total_steps}; use another --workdir")
     feed.set_state(meta["data"])
     logging.info("Resuming at step %d of %d.", start_step, total_steps)
     if lead:

@@ -70,7 +70,10 @@ def _final(workdir):
 
 def test_one_run_end_to_end(cache, tmp_path):
   workdir = str(tmp_path / "run")
-  record = train.train_and_evaluate(tiny_config(), workdir)
+  # bf16 compute and gradient accumulation ride along at no extra cost.
+  config = tiny_config(**{"model.compute_dtype": "bfloat16",
+                          "train.grad_accum": 2, "train.batch_size": 16})
+  record = train.train_and_evaluate(config, workdir)
   assert record["final"] and record["step"] == 4
   assert 0.0 <= record["mean_auroc"] <= 1.0
   assert set(record["zero_shot"]) == {"clip (random)", "siglip (random)"}
@@ -82,6 +85,10 @@ def test_one_run_end_to_end(cache, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.listdir(os.path.join(workdir, "best")) == ["4"]
+  # Rerunning a finished run only evaluates again: same numbers, one record.
+  again = train.train_and_evaluate(config, workdir)
+  assert again["auroc"] == record["auroc"]
+  assert len([r for r in report.read_jsonl(workdir) if r.get("final")]) == 1
 
 
 def _run_cli(workdir, flags, cache_dir):

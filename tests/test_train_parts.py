@@ -65,3 +65,48 @@ def test_optimizer_clips_and_skips_decay_of_vectors():
   big = jax.tree.map(lambda p: 1e6 * np.ones_like(p), params)
   clipped, _ = optax.clip_by_global_norm(1.0).update(big, None)
   assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+
+
+class _Toy:
+  """A linear 'model' with MedBridge's calling convention."""
+
+  def apply(self, variables, images, *, train, rngs):
+    del train, rngs
+    p = variables["params"]
+    x = images.reshape(images.shape[0], -1)
+    return x @ p["head"]["w"] * p["frozen"]["scale"], {}
+
+
+def _toy_step(accum):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import train  # pylint: disable=g-import-not-at-top
+  c = default_config.get_default()
+  c.train.grad_accum = accum
+  c.train.steps, c.train.warmup_steps, c.train.lr = 10, 0, 0.1
+  mesh = sharding.make_mesh(c.mesh)
+  tx = optim.make(c.train)
+  step = jax.jit(train.make_train_step(_Toy(), tx, optim.schedule(c.train), c,
+                                       mesh), donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  trainable = {"head": {"w": jnp.asarray(rng.normal(size=(12, 3)),
+                                         jnp.float32)}}
+  frozen = {"frozen": {"scale": jnp.float32(0.5)}}
+  state = {"step": jnp.int32(0), "params": trainable,
+           "opt_state": tx.init(trainable)}
+  batch = sharding.to_global({
+      "image": rng.integers(0, 255, (16, 3, 4)).astype(np.uint8),
+      "targets": (rng.random((16, 3)) < 0.5).astype(np.float32),
+      "mask": np.ones((16, 3), np.float32)}, mesh)
+  return step(state, frozen, batch, None)
+
+
+def test_train_step_accumulation_matches_one_batch():
+  (s1, m1), (s2, m2), (s4, m4) = _toy_step(1), _toy_step(2), _toy_step(4)
+  assert int(s1["step"]) == 1
+  for s, m in ((s2, m2), (s4, m4)):
+    np.testing.assert_allclose(s["params"]["head"]["w"],
+                               s1["params"]["head"]["w"], atol=1e-6)
+    assert float(m["loss"]) == pytest.approx(float(m1["loss"]), abs=1e-6)
+    assert float(m["grad_norm"]) == pytest.approx(float(m1["grad_norm"]),
+                                                  rel=1e-5)
+  assert float(m1["lr"]) == pytest.approx(0.1)
