@@ -3,7 +3,7 @@
 Layout under the workdir:
   checkpoints/<step>/   periodic and final saves, the newest `keep` kept.
   best/<step>/          the one checkpoint with the best validation mean AUROC.
-  corrupt/<step>-<n>/   checkpoints that failed to restore, moved out of the way.
+  corrupt/<step>-<n>/   checkpoints that failed to restore, moved aside.
 
 Each checkpoint holds two items: "state" (the train state pytree: step,
 trainable parameters, optimizer state) and "meta" (JSON: the data iterator
@@ -70,7 +70,8 @@ def check_config(saved: dict | None, current: dict) -> None:
         f"({fatal[0]}: {a.get(fatal[0])!r} there, {b.get(fatal[0])!r} now); "
         f"use another --workdir or the same config")
   if differ:
-    logging.warning("Resuming with changed config values: %s", ", ".join(differ))
+    logging.warning("Resuming with changed config values: %s",
+                    ", ".join(differ))
 
 
 class Checkpointer:
@@ -152,10 +153,11 @@ class Checkpointer:
     n = 0
     while os.path.exists(os.path.join(dst_root, f"{step}-{n}")):
       n += 1
+    dst = os.path.join(dst_root, f"{step}-{n}")
     logging.warning("Checkpoint %s is unreadable (%s); moved to %s and "
-                    "skipped.", src, reason, os.path.join(dst_root, f"{step}-{n}"))
+                    "skipped.", src, reason, dst)
     if jax.process_index() == 0 and os.path.exists(src):
-      shutil.move(src, os.path.join(dst_root, f"{step}-{n}"))
+      shutil.move(src, dst)
 
   def restore(self, abstract_state: Any, config: dict
               ) -> tuple[Any, dict] | None:
@@ -203,7 +205,8 @@ class Checkpointer:
       return restored, meta
     raise errors.UserError(
         f"no checkpoint in {self.directory} could be read (newest error: "
-        f"{type(last_error).__name__}: {str(last_error).splitlines()[0][:200]}); "
+        f"{type(last_error).__name__}: "
+        f"{str(last_error).splitlines()[0][:200]}); "
         f"move the directory away to start afresh")
 
   def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:

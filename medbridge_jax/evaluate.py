@@ -119,7 +119,8 @@ def evaluate(fn: ImageFn, eval_set: EvalSet, *, batch_size: int, mesh,
              seed: int = 0) -> report.Result:
   """Predicts the split and computes every metric."""
   probs, seen = predict(fn, eval_set, batch_size, mesh, data_config)
-  probs, targets, mask = probs[seen], eval_set.targets[seen], eval_set.mask[seen]
+  probs, targets, mask = (probs[seen], eval_set.targets[seen],
+                          eval_set.mask[seen])
   summary = metrics.summarize(probs, targets, mask, label_names,
                               mean_labels=mean_labels, bootstrap=bootstrap,
                               seed=seed)

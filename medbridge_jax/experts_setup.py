@@ -103,17 +103,21 @@ def _as_list(value, name: str) -> list[str]:
   return list(value)
 
 
-def load(config: ml_collections.ConfigDict) -> list:
-  """The experts of `config`, loaded, computing in config.model.compute_dtype."""
-  from medbridge_jax import experts  # pylint: disable=g-import-not-at-top
-  dtype = compute_dtype(config)
-  paths, generated = expert_paths(config)
-  if generated:
-    # Said once, at start, so nobody mistakes these numbers for real ones.
+def announce(config: ml_collections.ConfigDict) -> None:
+  """Says in one line, at start, when small random experts stand in."""
+  if not config.experts:
+    specs = _as_list(config.random_experts, "config.random_experts")
     logging.info(
         "No pretrained experts configured (config.experts): using %d small "
-        "randomly initialised experts (%s) from %s.", len(paths),
-        "; ".join(config.random_experts), os.path.dirname(paths[0]))
+        "randomly initialised experts (%s), written once to %s.", len(specs),
+        "; ".join(specs), os.path.join(cache_dir(), "experts"))
+
+
+def load(config: ml_collections.ConfigDict) -> list:
+  """The experts of `config`, loaded, computing in model.compute_dtype."""
+  from medbridge_jax import experts  # pylint: disable=g-import-not-at-top
+  dtype = compute_dtype(config)
+  paths, _ = expert_paths(config)
   return [experts.load(p, dtype=dtype) for p in paths]
 
 

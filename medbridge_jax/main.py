@@ -16,8 +16,10 @@ import logging as std_logging
 import os
 import sys
 
-# TensorFlow (imported by clu's writers) would print C++ INFO lines.
+# TensorFlow (imported by clu's writers, never used to compute) would print
+# C++ INFO lines, among them a oneDNN notice that ignores the level.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app
 from absl import flags

@@ -27,7 +27,8 @@ def _prepare(scores, targets, mask):
     scores, targets = scores[:, None], targets[:, None]
     mask = None if mask is None else np.asarray(mask)[:, None]
   if scores.shape != targets.shape:
-    raise ValueError(f"scores {scores.shape} and targets {targets.shape} differ")
+    raise ValueError(
+        f"scores {scores.shape} and targets {targets.shape} differ")
   if mask is None:
     mask = np.ones_like(targets)
   mask = np.asarray(mask, np.float64)
@@ -254,9 +255,11 @@ def summarize(probs, targets, mask, label_names: Sequence[str], *,
   idx = label_indices(label_names, mean_labels)
   return Summary(
       label_names=label_names, auroc=roc, auprc=pr, ece=ece, auroc_ci=ci,
-      mean_auroc=mean_over(roc, label_names, mean_labels), mean_auroc_ci=mean_ci,
+      mean_auroc=mean_over(roc, label_names, mean_labels),
+      mean_auroc_ci=mean_ci,
       mean_auprc=mean_over(pr, label_names, mean_labels),
       mean_ece=mean_over(ece, label_names, mean_labels),
       mean_labels=tuple(label_names[i] for i in idx),
-      undefined=tuple(n for n, v in zip(label_names, roc) if not np.isfinite(v)),
+      undefined=tuple(n for n, v in zip(label_names, roc)
+                      if not np.isfinite(v)),
       positives=(positive & known).sum(0), negatives=(~positive & known).sum(0))

@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Optional
 
 from absl import logging
 import jax
@@ -246,7 +246,8 @@ def _progress_bar(total: int, initial: int):
     import tqdm  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+  return tqdm.tqdm(total=total, initial=initial, unit="step",
+                   dynamic_ncols=True)
 
 
 def _log_eval(writer, step, set_name, summary, prefix="eval"):
@@ -285,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   t_start = time.monotonic()
   workdir = prepare_workdir(workdir)
+  experts_setup.announce(config)
   lead = jax.process_index() == 0
   tc = config.train
   total_steps = int(tc.steps)
@@ -403,8 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     fn = functools.partial(model_fn, state["params"], frozen)
     result = evaluate.evaluate(fn, eval_set, bootstrap=bootstrap,
                                seed=int(config.seed), **eval_kwargs)
-    _log_eval(writer, step, eval_set.name, result.summary,
-              prefix="eval" if eval_set is data.eval else f"test/{eval_set.name}")
+    prefix = "eval" if eval_set is data.eval else f"test/{eval_set.name}"
+    _log_eval(writer, step, eval_set.name, result.summary, prefix=prefix)
     return result
 
   # -- Training. -------------------------------------------------------------
@@ -513,8 +515,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.info("Report: %s", path)
   writer.flush()
   writer.close()
-  logging.info("Done in %.1f s: %s mean AUROC %.4f.", time.monotonic() - t_start,
-               data.eval.name, final.summary.mean_auroc)
+  logging.info("Done in %.1f s: %s mean AUROC %.4f.",
+               time.monotonic() - t_start, data.eval.name,
+               final.summary.mean_auroc)
   return records[data.eval.name]
 
 

@@ -50,8 +50,8 @@ def test_mask_excludes_rows():
   p, y, _ = _data(4)
   m = np.ones_like(y)
   m[:50] = 0
-  np.testing.assert_allclose(metrics.auroc(p, y, m), metrics.auroc(p[50:], y[50:]),
-                             atol=1e-12)
+  np.testing.assert_allclose(metrics.auroc(p, y, m),
+                             metrics.auroc(p[50:], y[50:]), atol=1e-12)
 
 
 def test_mean_over_label_subset():
@@ -101,4 +101,5 @@ def test_ece():
 def test_roc_curve_matches_sklearn_area():
   p, y, _ = _data(11)
   fpr, tpr = metrics.roc_curve(p[:, :1], y[:, :1])
-  assert abs(np.trapezoid(tpr, fpr) - skm.roc_auc_score(y[:, 0], p[:, 0])) < 1e-9
+  want = skm.roc_auc_score(y[:, 0], p[:, 0])
+  assert abs(np.trapezoid(tpr, fpr) - want) < 1e-9

@@ -6,7 +6,6 @@ the same metrics as an uninterrupted run; a non-finite loss stops without a
 NaN checkpoint; 1 and 8 devices agree.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -193,7 +192,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path,
                       lambda data, config: _PoisonAt(original(data, config), 3))
   workdir = str(tmp_path / "nan")
   config = tiny_config(**{"train.steps": 6})
-  with pytest.raises(train.NonFiniteLoss, match=r"at step 3.*checkpoint \(step 2\) is kept"):
+  with pytest.raises(train.NonFiniteLoss,
+                     match=r"at step 3.*checkpoint \(step 2\) is kept"):
     train.train_and_evaluate(config, workdir)
   assert issubclass(train.NonFiniteLoss, errors.UserError)
   assert _steps(workdir) == [2]
