@@ -220,6 +220,23 @@ class _Sigterm:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _stop_requested(sigterm: _Sigterm, step: int, tc) -> bool:
+  """Whether to save and stop after this step because of a SIGTERM.
+
+  On several hosts all must stop at the same step (or the others would wait
+  in the next step's collectives forever), so they agree on log and
+  checkpoint steps only, where a collective costs little.
+  """
+  if jax.process_count() == 1:
+    return sigterm.received
+  if not (_is_due(step, int(tc.checkpoint_every))
+          or _is_due(step, int(tc.log_every))):
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array([sigterm.received]))
+  return bool(np.any(flags))
+
+
 class NonFiniteLoss(errors.UserError):
   """The loss became NaN or inf (a diverging run: a config problem)."""
 
@@ -428,7 +445,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         if bar is not None:
           bar.update(1)
         eval_due = _is_due(step, int(tc.eval_every)) and step < total_steps
-        save_due = _is_due(step, int(tc.checkpoint_every)) or sigterm.received
+        stop = _stop_requested(sigterm, step, tc)
+        save_due = _is_due(step, int(tc.checkpoint_every)) or stop
         if eval_due or save_due or _is_due(step, int(tc.log_every)):
           interval.append(_host(m))
           pending = None
@@ -437,6 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
             writer.write_scalars(step, {
                 f"train/{k}": float(np.mean([x[k] for x in interval]))
                 for k in interval[-1]})
+          if _is_due(step, int(tc.log_every)) or int(tc.log_every) <= 0:
             interval = []
         metric = None
         if eval_due:
@@ -446,8 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
             report.append_jsonl(workdir, evaluate.record(
                 step, data.eval.name, result.summary))
         if save_due or (eval_due and metric is not None):
-          save(step, metric=metric, force=sigterm.received)
-        if sigterm.received and step < total_steps:
+          save(step, metric=metric, force=stop)
+        if stop and step < total_steps:
           stopped_by_signal = True
           break
       if pending is not None:
