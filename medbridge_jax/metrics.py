@@ -110,6 +110,27 @@ def roc_curve(scores, targets, mask=None):
     return fps / max(fps[-1], 1), tps / max(tps[-1], 1)
 
 
+def youden_thresholds(probs, targets, mask=None) -> np.ndarray:
+  """Per-label threshold maximising sensitivity + specificity - 1, (L,).
+
+  The threshold is a score that occurs in the data (predict positive when
+  score >= threshold); nan for labels without both classes.
+  """
+  probs, positive, mask = _prepare(probs, targets, mask)
+  out = np.full(probs.shape[1], np.nan)
+  for j in range(probs.shape[1]):
+    s, pos = probs[mask[:, j], j], positive[mask[:, j], j]
+    if pos.all() or not pos.any():
+      continue
+    order = np.argsort(-s, kind="stable")
+    s, pos = s[order], pos[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
+    tpr = np.cumsum(pos)[last] / pos.sum()
+    fpr = np.cumsum(~pos)[last] / (~pos).sum()
+    out[j] = s[last[np.argmax(tpr - fpr)]]
+  return out
+
+
 def expected_calibration_error(probs, targets, mask=None,
                                num_bins: int = 10) -> np.ndarray:
   """Per-label ECE of positive-class probabilities, (L,), equal-width bins.

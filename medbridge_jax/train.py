@@ -30,6 +30,7 @@ from medbridge_jax import checkpoints
 from medbridge_jax import errors
 from medbridge_jax import evaluate
 from medbridge_jax import experts_setup
+from medbridge_jax import metrics
 from medbridge_jax import optim
 from medbridge_jax import report
 from medbridge_jax import sharding
@@ -371,6 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                    else jax.device_put(jnp.asarray(class_weights), replicated))
 
   feed = train_feed(data, config)
+  if lead:
+    report.write_config(workdir, config)
   ckpt = checkpoints.Checkpointer(workdir, int(tc.keep_checkpoints))
   config_dict = config.to_dict()
   restored = ckpt.restore(abstract_state, config_dict)
@@ -531,6 +534,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         f"\"{config.zero_shot.positive}\" / \"{config.zero_shot.negative}\".",
     ]
     path = report.write(workdir, sets, header)
+    report.write_thresholds(workdir, data.eval.name, label_names,
+                            metrics.youden_thresholds(
+                                final.probs, final.targets, final.mask))
     logging.info("Report: %s", path)
   writer.flush()
   writer.close()

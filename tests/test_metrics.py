@@ -103,3 +103,18 @@ def test_roc_curve_matches_sklearn_area():
   fpr, tpr = metrics.roc_curve(p[:, :1], y[:, :1])
   want = skm.roc_auc_score(y[:, 0], p[:, 0])
   assert abs(np.trapezoid(tpr, fpr) - want) < 1e-9
+
+
+def test_youden_thresholds_maximise_j():
+  p, y, m = _data(12)
+  th = metrics.youden_thresholds(p, y, m)
+  for j in range(y.shape[1]):
+    k = m[:, j] > 0
+    fpr, tpr, cut = skm.roc_curve(y[k, j], p[k, j])
+    best = np.max(tpr - fpr)
+    pred = p[k, j] >= th[j]
+    pos = y[k, j] > 0
+    got = pred[pos].mean() - pred[~pos].mean()
+    assert got == pytest.approx(best, abs=1e-12)
+  y[:, 0] = 1
+  assert np.isnan(metrics.youden_thresholds(p, y, m)[0])

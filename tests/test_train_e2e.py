@@ -6,6 +6,7 @@ the same metrics as an uninterrupted run; a non-finite loss stops without a
 NaN checkpoint; 1 and 8 devices agree.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -82,6 +83,10 @@ def test_one_run_end_to_end(cache, tmp_path):
   files = os.listdir(os.path.join(workdir, "report"))
   assert {"report.md", "metrics.csv", "roc_synthetic_valid.png"} <= set(files)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  with open(os.path.join(workdir, "thresholds.json")) as f:
+    assert set(json.load(f)["thresholds"]) == set(record["auroc"])
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["compute_dtype"] == "bfloat16"
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.listdir(os.path.join(workdir, "best")) == ["4"]
   # Rerunning a finished run only evaluates again: same numbers, one record.
