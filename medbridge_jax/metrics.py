@@ -51,6 +51,8 @@ def _weighted_auroc(scores, positive, weights):
   Returns:
     (B,) AUROC; nan where the weighted positives or negatives are zero.
   """
+  if scores.size == 0:  # Every entry of the label masked out.
+    return np.full(weights.shape[0], np.nan)
   order = np.argsort(scores, kind="stable")
   s, pos, w = scores[order], positive[order], weights[:, order]
   # Groups of tied scores: a tied positive/negative pair counts one half.

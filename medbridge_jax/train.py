@@ -64,22 +64,40 @@ class Data:
   tests: list[evaluate.EvalSet]  # config.data.test_datasets.
 
 
-def _root(config: ml_collections.ConfigDict) -> str:
+def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
+          where: str = "config.data.root") -> tuple[str, str]:
+  """(registry name, folder) of a data set named in the config.
+
+  "synthetic" (the variant of `config.data.synthetic`) with an empty root
+  is generated once into the cache. "synthetic:nih" is the domain-shifted
+  variant, read by the real NIH ChestX-ray14 reader (it is written in that
+  layout, with all 14 NIH labels), so cross-domain runs harmonise its labels
+  exactly as they would a real NIH folder's. Every other data set needs its
+  folder.
+  """
   d = config.data
-  if d.dataset == "synthetic" and not d.root:
+  name, _, variant = dataset.partition(":")
+  if name == "synthetic" and not root:
     from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.ensure(
+    if variant and variant not in synthetic.VARIANTS:
+      raise errors.UserError(
+          f"data set {dataset!r}: unknown synthetic variant; known: "
+          f"{', '.join(synthetic.VARIANTS)}")
+    return ("nih" if variant == "nih" else name), synthetic.ensure(
         os.path.join(experts_setup.cache_dir(), "data"),
         num_patients=int(d.synthetic.num_patients), seed=int(d.synthetic.seed),
-        variant=d.synthetic.variant, image_size=int(d.image_size))
-  if not d.root:
+        variant=variant or d.synthetic.variant, image_size=int(d.image_size))
+  if variant:
     raise errors.UserError(
-        f"config.data.root is empty: give the folder of data set "
-        f"{d.dataset!r} (--config.data.root=...)")
-  root = os.path.expanduser(d.root)
-  if not os.path.isdir(root):
-    raise errors.UserError(f"data root not found: {d.root} (config.data.root)")
-  return root
+        f"data set {dataset!r}: only generated synthetic data takes a "
+        f"':variant' (and then no root)")
+  if not root:
+    raise errors.UserError(
+        f"{where} is empty: give the folder of data set {dataset!r}")
+  folder = os.path.expanduser(root)
+  if not os.path.isdir(folder):
+    raise errors.UserError(f"data root not found: {root} ({where})")
+  return name, folder
 
 
 def resolve_data(config: ml_collections.ConfigDict) -> Data:
@@ -87,22 +105,24 @@ def resolve_data(config: ml_collections.ConfigDict) -> Data:
   from medbridge_jax.data import registry  # pylint: disable=g-import-not-at-top
   from medbridge_jax.data import splits  # pylint: disable=g-import-not-at-top
   d = config.data
-  root = _root(config)
-  train_index = registry.read_index(d.dataset, root, d.train_split)
+  dataset, root = _root(d.dataset, d.root, config)
+  train_index = registry.read_index(dataset, root, d.train_split)
   # Nested patient subsets: the 1% patients are among the 10%.
   train_index = splits.fraction(train_index, float(d.train_fraction),
                                 int(config.seed))
   label_names = tuple(d.labels) or tuple(train_index.label_names)
-  eval_index = registry.read_index(d.dataset, root, d.eval_split)
+  eval_index = registry.read_index(dataset, root, d.eval_split)
   tests = []
   for item in d.test_datasets:
     if isinstance(item, str) or len(item) != 3:
       raise errors.UserError(
           f"config.data.test_datasets entry {item!r} is not (dataset, root, "
           f"split)")
-    dataset, test_root, split = item
-    index = registry.read_index(dataset, os.path.expanduser(test_root), split)
-    tests.append(evaluate.make_eval_set(f"{dataset}/{split}", index,
+    test_name, test_root, split = item
+    index = registry.read_index(
+        *_root(test_name, test_root, config, "config.data.test_datasets"),
+        split)
+    tests.append(evaluate.make_eval_set(f"{test_name}/{split}", index,
                                         label_names, d))
   return Data(
       label_names=label_names,

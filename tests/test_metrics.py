@@ -118,3 +118,13 @@ def test_youden_thresholds_maximise_j():
     assert got == pytest.approx(best, abs=1e-12)
   y[:, 0] = 1
   assert np.isnan(metrics.youden_thresholds(p, y, m)[0])
+
+
+def test_label_masked_everywhere_is_nan_not_an_error():
+  # A test set that lacks a label (cross-domain) has it masked in every row.
+  p, y, m = _data(5)
+  m[:, 3] = 0.0
+  s = metrics.summarize(p, y, m, list("abcde"), bootstrap=20, seed=0)
+  assert np.isnan(s.auroc[3]) and np.isnan(s.auprc[3])
+  assert "d" in s.undefined
+  assert abs(s.mean_auroc - np.mean(s.auroc[[0, 1, 2, 4]])) < 1e-12
