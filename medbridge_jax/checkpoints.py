@@ -19,6 +19,7 @@ import shutil
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,21 +47,12 @@ def all_finite(tree) -> bool:
   return True
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def check_config(saved: dict | None, current: dict) -> None:
   """UserError when the workdir's checkpoints belong to another experiment."""
   if not saved:
     return
-  a, b = _flat(saved), _flat(json.loads(json.dumps(current)))
+  a = traverse_util.flatten_dict(saved, sep=".")
+  b = traverse_util.flatten_dict(json.loads(json.dumps(current)), sep=".")
   differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   fatal = [k for k in differ
            if any(k == p or k.startswith(p + ".") for p in _IDENTITY_KEYS)]

@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -420,7 +421,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   writer = metric_writers.create_default_writer(
       workdir, just_logging=not lead, asynchronous=True)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flat(config_dict).items()
+    flat = traverse_util.flatten_dict(config_dict, sep=".")
+    writer.write_hparams({k: v for k, v in flat.items()
                           if isinstance(v, (int, float, str, bool))})
   progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer,
@@ -573,12 +575,3 @@ def _none_if_nan(x: float) -> Optional[float]:
 def _host(m: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(m).items()}
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
