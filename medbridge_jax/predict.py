@@ -1,0 +1,524 @@
+r"""Predicts labels for new images with a trained run: the command line.
+
+  python -m medbridge_jax.predict --workdir=DIR --inputs=PATH[,PATH...] \
+      [--inputs=PATH ...] [PATH ...] [--output=FILE] \
+      [--checkpoint=best|latest] [--batch_size=N] [--skip_bad]
+
+Each PATH is an image file (read whatever its name; DICOM by a .dcm/.dicom
+suffix) or a folder searched recursively for .png, .jpg, .jpeg, .dcm and
+.dicom files (hidden files and folders left out). Words after the flags are
+inputs too, so a shell glob (`--inputs=scans/*.png`) works.
+
+The model is rebuilt from DIR/config.json and its experts (the same folders;
+generated random experts come from the cache, written again if missing), its
+trainable parameters are restored from the best (or the latest) checkpoint,
+and every image goes through the evaluation path: `images.read_image` at
+config.data.image_size, then the model in evaluation mode (sliding windows).
+
+The CSV (default DIR/predictions.csv) has one row per image, in input order
+(a folder's files sorted by path): `path`, one probability column per label,
+then `positive_labels`, the labels whose probability is at or above the
+threshold in DIR/thresholds.json (chosen on validation data when the run
+finished), joined by ";". A label without a threshold (one class only in the
+validation data) is never listed. With --skip_bad an unreadable image gets
+no row and a warning counts them; without it the first one is an error
+naming the file. The CSV is written to a temporary file and renamed, so an
+error never leaves half a file.
+"""
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging as std_logging
+import os
+import sys
+import tempfile
+from typing import Callable, Iterator, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+# JAX, the model and the experts are imported where they are used: every
+# check of the flags, the workdir and the inputs answers in well under a
+# second, before they load.
+from medbridge_jax import errors
+
+PROGRAM = "medbridge_jax.predict"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+CHECKPOINTS = ("best", "latest")
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Workdir of a finished training run (config.json, "
+    "thresholds.json, checkpoints).")
+_INPUTS = flags.DEFINE_multi_string(
+    "inputs", [], "Image files or folders (searched recursively); "
+    "comma-separated and/or repeated.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "CSV to write (default: <workdir>/predictions.csv).")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint", "best", CHECKPOINTS, "Which checkpoint's parameters: the "
+    "best by validation mean AUROC, or the latest saved.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Images per model call (default: the run's "
+    "config.eval.batch_size); rounded up to a multiple of the devices.")
+_SKIP_BAD = flags.DEFINE_bool(
+    "skip_bad", False, "Skip unreadable images (counted in a warning, no "
+    "row) instead of stopping at the first.")
+
+
+# ---------------------------------------------------------------------------
+# Inputs.
+
+
+def _split_inputs(values: Sequence[str]) -> list[str]:
+  """Flag values and extra words -> paths; a value is split on commas
+  unless it names an existing path as a whole."""
+  out = []
+  for v in values:
+    if os.path.exists(v):
+      out.append(v)
+    else:
+      out.extend(p for p in v.split(",") if p)
+  return out
+
+
+def find_images(inputs: Sequence[str]) -> list[str]:
+  """The image files of `inputs`, in order, each once.
+
+  A file is taken as named; a folder contributes its image files (by
+  suffix, case-insensitive) at any depth, sorted by path, hidden files and
+  folders left out.
+
+  Raises:
+    UserError: no inputs, an input that does not exist, or no image found.
+  """
+  if not inputs:
+    raise errors.UserError("no inputs given (--inputs=PATH, a file or a "
+                           "folder)")
+  found, seen = [], set()
+
+  def add(path):
+    key = os.path.realpath(path)
+    if key not in seen:
+      seen.add(key)
+      found.append(path)
+
+  for item in inputs:
+    path = os.path.expanduser(item)
+    if os.path.isfile(path):
+      add(path)
+    elif os.path.isdir(path):
+      for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+          if (not name.startswith(".")
+              and name.lower().endswith(IMAGE_SUFFIXES)):
+            add(os.path.join(folder, name))
+    else:
+      raise errors.UserError(f"input not found: {item}")
+  if not found:
+    raise errors.UserError(
+        f"no images found in {', '.join(inputs)} (looked for "
+        f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files)")
+  return found
+
+
+# ---------------------------------------------------------------------------
+# The trained run.
+
+
+@dataclasses.dataclass
+class Run:
+  """What prediction needs from a finished run's workdir."""
+  workdir: str
+  config: object  # ml_collections.ConfigDict, as saved in config.json.
+  label_names: tuple[str, ...]
+  thresholds: np.ndarray  # (L,) float64, nan: no threshold.
+  chosen_on: str  # The split the thresholds were chosen on.
+
+
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path) as f:
+      body = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"cannot read {what} {path}: "
+                           f"{_one_line(str(e))}") from None
+  if not isinstance(body, dict):
+    raise errors.UserError(f"{what} {path} does not hold a JSON object")
+  return body
+
+
+def open_run(workdir: str) -> Run:
+  """Reads the run's config and thresholds; UserError unless it finished."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not workdir:
+    raise errors.UserError("no workdir given (--workdir)")
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(path):
+    raise errors.UserError(f"workdir not found: {workdir}")
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise errors.UserError(
+        f"{workdir} has no config.json: not the workdir of a training run "
+        f"(python -m medbridge_jax.main --workdir=... writes it)")
+  config = ml_collections.ConfigDict(_read_json(config_path, "run config"))
+  thresholds_path = os.path.join(path, "thresholds.json")
+  if not os.path.isfile(thresholds_path):
+    raise errors.UserError(
+        f"{workdir} has no thresholds.json: its run has not finished (rerun "
+        f"the same training command to finish it)")
+  body = _read_json(thresholds_path, "thresholds file")
+  table = body.get("thresholds")
+  if not isinstance(table, dict) or not table or not all(
+      t is None or isinstance(t, (int, float)) for t in table.values()):
+    raise errors.UserError(f"{thresholds_path} holds no per-label "
+                           f"\"thresholds\" object")
+  # thresholds.json lists the run's labels in the model's output order.
+  label_names = tuple(table)
+  wanted = tuple(config.data.labels)
+  if wanted and wanted != label_names:
+    raise errors.UserError(
+        f"{thresholds_path} lists labels {list(label_names)}, config.json "
+        f"{list(wanted)}: the files come from different runs")
+  thresholds = np.array([np.nan if t is None else float(t)
+                         for t in table.values()])
+  return Run(path, config, label_names, thresholds,
+             str(body.get("chosen_on", "validation data")))
+
+
+def _has_step(folder: str) -> bool:
+  return os.path.isdir(folder) and any(
+      name.isdigit() for name in os.listdir(folder))
+
+
+def load_model(run: Run, checkpoint: str = "best"):
+  """(probability fn, mesh, step) of the run's checkpoint.
+
+  The function maps uint8 images (B, H, W), B a multiple of the mesh's
+  devices, sharded over the mesh's batch axis, to float32 probabilities
+  (B, L): `evaluate.make_model_fn` with the restored trainable parameters
+  and the experts' frozen towers bound.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import optim  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.model import medbridge  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
+
+  if checkpoint not in CHECKPOINTS:
+    raise errors.UserError(f"checkpoint {checkpoint!r}: expected one of "
+                           f"{CHECKPOINTS}")
+  folder = os.path.join(run.workdir,
+                        "best" if checkpoint == "best" else "checkpoints")
+  if not _has_step(folder):
+    hint = (" (no validation mean AUROC was ever defined; try "
+            "--checkpoint=latest)" if checkpoint == "best"
+            and _has_step(os.path.join(run.workdir, "checkpoints")) else "")
+    raise errors.UserError(f"no {checkpoint} checkpoint in {folder}{hint}")
+
+  config = run.config
+  experts_setup.announce(config)
+  experts = experts_setup.load(config)
+  # The head's text initialisation only sets initial values, which the
+  # checkpoint replaces: skip the prompts' text forward (and tokenizers).
+  build_config = ml_collections.ConfigDict(config.to_dict())
+  build_config.model.head.text_init = False
+  model = medbridge.build(build_config, experts, run.label_names)
+
+  # Prediction runs on this machine's devices, whatever the run trained on.
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1}))
+  replicated = sharding.replicated(mesh)
+  size = int(config.data.image_size)
+  images = jnp.zeros((1, size, size), jnp.float32)
+  abstract = jax.eval_shape(
+      lambda k: model.init({"params": k}, images, train=False)["params"],
+      jax.random.key(0))
+  trainable, frozen_abstract = partition.split(abstract)
+  frozen = {f"expert_{k}": {"tower": medbridge.check_tower(
+      abstract[f"expert_{k}"]["tower"], e)} for k, e in enumerate(experts)}
+  if jax.tree.structure(frozen) != jax.tree.structure(frozen_abstract):
+    raise ValueError("the partition rules freeze more than the towers")
+  frozen = jax.device_put(frozen, replicated)
+  # The saved train state: step, trainable params, optimizer state.
+  tx = optim.make(config.train)
+  state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
+               opt_state=jax.eval_shape(tx.init, trainable))
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      state)
+
+  ckpt = checkpoints.Checkpointer(run.workdir,
+                                  int(config.train.keep_checkpoints),
+                                  async_save=False)
+  try:
+    if checkpoint == "best":
+      try:
+        restored = ckpt.restore_best(abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        raise errors.UserError(
+            f"cannot read the best checkpoint in {folder} "
+            f"({type(e).__name__}: {_one_line(str(e))[:200]}); try "
+            f"--checkpoint=latest") from None
+      if restored is not None:
+        checkpoints.check_config(restored[1].get("config"), config.to_dict())
+    else:
+      restored = ckpt.restore(abstract_state, config.to_dict())
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise errors.UserError(f"no {checkpoint} checkpoint in {folder}")
+  state, meta = restored
+  step = int(meta.get("step", state["step"]))
+  logging.info("Restored the %s checkpoint of %s (step %d).", checkpoint,
+               run.workdir, step)
+  model_fn = evaluate.make_model_fn(model)
+  params = state["params"]
+  return (lambda x: model_fn(params, frozen, x)), mesh, step
+
+
+# ---------------------------------------------------------------------------
+# Prediction.
+
+
+def _read(path: str, size: int):
+  """(image, None) or (None, one-line reason) for an unreadable file."""
+  from medbridge_jax.data import images  # pylint: disable=g-import-not-at-top
+  try:
+    return images.read_image(path, size), None
+  except errors.UserError as e:
+    return None, _one_line(str(e))
+
+
+def _read_batches(paths: Sequence[str], batch: int, size: int
+                  ) -> Iterator[list[tuple[str, Optional[np.ndarray],
+                                           Optional[str]]]]:
+  """Chunks of `batch` (path, image, error), decoded by a thread pool that
+  reads the next chunk while the caller computes on this one."""
+  workers = max(1, min(8, os.cpu_count() or 1))
+  chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    submit = lambda chunk: [pool.submit(_read, p, size) for p in chunk]
+    pending = submit(chunks[0])
+    try:
+      for i, chunk in enumerate(chunks):
+        done = [f.result() for f in pending]
+        pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
+        yield [(p, image, error) for p, (image, error) in zip(chunk, done)]
+    finally:
+      for f in pending:
+        f.cancel()
+
+
+def predict_files(fn: Callable, mesh, paths: Sequence[str], image_size: int,
+                  batch_size: int, skip_bad: bool = False
+                  ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+  """Probabilities of every readable image.
+
+  Args:
+    fn: sharded uint8 (B, H, W) -> probabilities (B, L), as `load_model`'s.
+    mesh: the mesh `fn` runs on (its size divides every batch).
+    paths: image files, in output order.
+    image_size: side the images are read at (config.data.image_size).
+    batch_size: images per call; the last batch is padded with black images.
+    skip_bad: leave unreadable images out instead of raising.
+
+  Returns:
+    (paths predicted, float32 probabilities (N, L) in that order, skipped
+    (path, reason) pairs).
+
+  Raises:
+    UserError: an unreadable image (naming it) unless `skip_bad`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
+  batch_sharding = sharding.batch_sharding(mesh)
+  kept, probs, skipped = [], [], []
+  running = None  # (device probabilities, rows) of the previous batch.
+  for chunk in _read_batches(paths, batch_size, image_size):
+    rows = np.zeros((batch_size, image_size, image_size), np.uint8)
+    names = []
+    for path, image, error in chunk:
+      if error is not None:
+        if not skip_bad:
+          raise errors.UserError(
+              f"{error} (--skip_bad skips unreadable images)")
+        skipped.append((path, error))
+        continue
+      rows[len(names)] = image
+      names.append(path)
+    if not names:
+      continue
+    # Dispatch is asynchronous: this batch computes while the previous
+    # one's probabilities come back and the next one is decoded.
+    out = fn(jax.device_put(rows, batch_sharding))
+    if running is not None:
+      probs.append(np.asarray(jax.device_get(running[0]))[:len(running[1])])
+    running = (out, names)
+    kept.extend(names)
+  if running is not None:
+    probs.append(np.asarray(jax.device_get(running[0]))[:len(running[1])])
+  if skipped:
+    logging.warning("%d unreadable image(s) skipped, no row for them: %s%s",
+                    len(skipped), skipped[0][1],
+                    f" (and {len(skipped) - 1} more)" if len(skipped) > 1
+                    else "")
+  if not kept:
+    raise errors.UserError(f"none of the {len(paths)} images could be read "
+                           f"(e.g. {skipped[0][1]})")
+  return kept, np.concatenate(probs).astype(np.float32), skipped
+
+
+def positive_labels(probs: np.ndarray, label_names: Sequence[str],
+                    thresholds: np.ndarray) -> list[list[str]]:
+  """Per row, the labels with probability >= their threshold (none if nan).
+
+  Compared in float64, as the thresholds were chosen on float64 copies of
+  float32 probabilities.
+  """
+  probs = np.asarray(probs, np.float64)
+  # nan never compares >=: a label without a threshold is never positive.
+  hits = probs >= np.asarray(thresholds, np.float64)[None]
+  return [[n for n, h in zip(label_names, row) if h] for row in hits]
+
+
+def write_csv(path: str, paths: Sequence[str], probs: np.ndarray,
+              label_names: Sequence[str], thresholds: np.ndarray) -> None:
+  """The predictions CSV (see module doc), written atomically.
+
+  Probabilities are written as the shortest decimals that read back to the
+  same float32.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".predictions-", suffix=".csv",
+                             dir=folder)
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["path", *label_names, "positive_labels"])
+      positives = positive_labels(probs, label_names, thresholds)
+      for p, row, pos in zip(paths, np.asarray(probs, np.float32), positives):
+        w.writerow([p, *(repr(float(v)) for v in row), ";".join(pos)])
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _check_output(path: str) -> str:
+  path = os.path.abspath(os.path.expanduser(path))
+  folder = os.path.dirname(path)
+  if os.path.isdir(path):
+    raise errors.UserError(f"--output {path} is a folder; give a file name")
+  if not os.path.isdir(folder):
+    raise errors.UserError(f"output folder not found: {folder}")
+  if not os.access(folder, os.W_OK):
+    raise errors.UserError(f"output folder {folder} cannot be written")
+  return path
+
+
+def run(workdir: str, inputs: Sequence[str], output: Optional[str] = None,
+        checkpoint: str = "best", batch_size: Optional[int] = None,
+        skip_bad: bool = False) -> dict:
+  """Predicts `inputs` with the run in `workdir` and writes the CSV.
+
+  Every cheap check (workdir, inputs, output) comes before the experts are
+  loaded, so a mistake is reported in a second.
+
+  Returns:
+    {"output": CSV path, "rows": images predicted, "skipped": count,
+     "step": the checkpoint's step, "labels": label names}.
+  """
+  r = open_run(workdir)
+  paths = find_images(_split_inputs(inputs))
+  output = _check_output(output or os.path.join(r.workdir, "predictions.csv"))
+  if batch_size is None:
+    batch_size = int(r.config.eval.batch_size)
+  if batch_size < 1:
+    raise errors.UserError(f"--batch_size={batch_size} must be >= 1")
+  fn, mesh, step = load_model(r, checkpoint)
+  # A multiple of the devices, and no larger than the inputs need.
+  devices = mesh.size
+  batch_size = -(-min(batch_size, len(paths)) // devices) * devices
+  logging.info("Predicting %d image(s) at %d px in batches of %d.",
+               len(paths), int(r.config.data.image_size), batch_size)
+  kept, probs, skipped = predict_files(
+      fn, mesh, paths, int(r.config.data.image_size), batch_size, skip_bad)
+  write_csv(output, kept, probs, r.label_names, r.thresholds)
+  logging.info("Wrote %d row(s) to %s (thresholds chosen on %s).", len(kept),
+               output, r.chosen_on)
+  return dict(output=output, rows=len(kept), skipped=len(skipped), step=step,
+              labels=list(r.label_names))
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
+
+
+def _fail(message: str) -> None:
+  print(f"{PROGRAM}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parsing, with every failure as one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_one_line(str(e)) or type(e).__name__)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops orbax's INFO chatter (dozens of lines per restore); keeps
+  warnings."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING
+            or "/orbax/" not in record.pathname.replace(os.sep, "/"))
+
+
+def _enable_compilation_cache() -> None:
+  """Reuses compiled programs across runs (MEDBRIDGE_COMPILATION_CACHE=0:
+  off), as training does."""
+  if os.environ.get("MEDBRIDGE_COMPILATION_CACHE", "1") == "0":
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(experts_setup.cache_dir(), "jax_compilation"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv):
+  with errors.exit_on_user_error(PROGRAM):
+    if not _WORKDIR.value:
+      raise errors.UserError("no workdir given (--workdir=DIR of a finished "
+                             "training run)")
+    # Words after the flags are inputs too: a shell glob expands to them.
+    inputs = list(_INPUTS.value) + list(argv[1:])
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    _enable_compilation_cache()
+    out = run(_WORKDIR.value, inputs, output=_OUTPUT.value,
+              checkpoint=_CHECKPOINT.value, batch_size=_BATCH_SIZE.value,
+              skip_bad=_SKIP_BAD.value)
+    print(f"{out['output']}: {out['rows']} image(s), {len(out['labels'])} "
+          f"labels, checkpoint step {out['step']}"
+          + (f", {out['skipped']} unreadable skipped" if out["skipped"]
+             else ""))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
