@@ -22,7 +22,6 @@ import copy
 import csv
 import dataclasses
 import json
-import logging as std_logging
 import os
 import re
 import sys
@@ -38,6 +37,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from medbridge_jax import cli
 from medbridge_jax import errors
 
 PROGRAM = "medbridge_jax.ablate"
@@ -326,8 +326,7 @@ def _define_flags():
 
 
 def _fail(message: str) -> None:
-  print(f"{PROGRAM}: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  cli.fail(PROGRAM, message)
 
 
 def _parse_flags(argv):
@@ -352,14 +351,6 @@ def _parse_flags(argv):
     _fail(lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's INFO chatter (dozens of lines per save); keeps warnings."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING
-            or "/orbax/" not in record.pathname.replace(os.sep, "/"))
-
-
 def main(argv, config_flag) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -374,17 +365,11 @@ def main(argv, config_flag) -> None:
   stem = os.path.splitext(os.path.basename(path))[0]
   workdir = flags.FLAGS.workdir or os.path.join(
       "workdir", f"ablate_{stem}" + (f"_{arg}" if arg else ""))
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  cli.quiet_libraries()
   with errors.exit_on_user_error(PROGRAM):
     from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.maybe_initialize_distributed()
-    if os.environ.get("MEDBRIDGE_COMPILATION_CACHE", "1") != "0":
-      # As in main: reruns and later variants skip XLA compilation.
-      import jax  # pylint: disable=g-import-not-at-top
-      from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
-      jax.config.update("jax_compilation_cache_dir", os.path.join(
-          experts_setup.cache_dir(), "jax_compilation"))
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cli.enable_compilation_cache()  # Later variants skip compilation.
     result = run(config, workdir, flags.FLAGS.variants)
     print(result["markdown"])
     logging.info("Ablation table: %s", os.path.join(

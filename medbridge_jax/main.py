@@ -12,9 +12,7 @@ from the workdir's checkpoints. All the work is in
 
 import difflib
 import importlib.util
-import logging as std_logging
 import os
-import sys
 
 # TensorFlow (imported by clu's writers, never used to compute) would print
 # C++ INFO lines, among them a oneDNN notice that ignores the level.
@@ -26,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from medbridge_jax import cli
 from medbridge_jax import errors
 
 PROGRAM = "medbridge_jax.main"
@@ -40,8 +39,7 @@ flags.mark_flag_as_required("config")
 
 
 def _fail(message: str) -> None:
-  print(f"{PROGRAM}: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  cli.fail(PROGRAM, message)
 
 
 def _config_arg(argv) -> str | None:
@@ -100,28 +98,6 @@ def parse_flags(argv):
     _fail(_unknown_override(argv) or _one_line(e))
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops orbax's INFO chatter (dozens of lines per save); keeps warnings."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING
-            or "/orbax/" not in record.pathname.replace(os.sep, "/"))
-
-
-def _enable_compilation_cache() -> None:
-  """Keeps compiled programs in the cache so reruns skip XLA compilation.
-
-  MEDBRIDGE_COMPILATION_CACHE=0 turns it off.
-  """
-  if os.environ.get("MEDBRIDGE_COMPILATION_CACHE", "1") == "0":
-    return
-  import jax  # pylint: disable=g-import-not-at-top
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(experts_setup.cache_dir(), "jax_compilation"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def default_workdir(config_arg: str) -> str:
   path, _, variant = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
@@ -138,12 +114,12 @@ def main(argv):
     _fail(_one_line(e))
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize()
                                               .split("=", 1)[1])
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_libraries()
   with errors.exit_on_user_error(PROGRAM):
     # Before any other JAX call; a no-op unless launched on several hosts.
     from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.maybe_initialize_distributed()
-    _enable_compilation_cache()
+    cli.enable_compilation_cache()
     from medbridge_jax import train  # pylint: disable=g-import-not-at-top
     logging.info("Workdir: %s", os.path.abspath(workdir))
     train.train_and_evaluate(config, workdir)

@@ -30,9 +30,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import json
-import logging as std_logging
 import os
-import sys
 import tempfile
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -44,29 +42,35 @@ import numpy as np
 # JAX, the model and the experts are imported where they are used: every
 # check of the flags, the workdir and the inputs answers in well under a
 # second, before they load.
+from medbridge_jax import cli
 from medbridge_jax import errors
 
 PROGRAM = "medbridge_jax.predict"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 CHECKPOINTS = ("best", "latest")
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Workdir of a finished training run (config.json, "
-    "thresholds.json, checkpoints).")
-_INPUTS = flags.DEFINE_multi_string(
-    "inputs", [], "Image files or folders (searched recursively); "
-    "comma-separated and/or repeated.")
-_OUTPUT = flags.DEFINE_string(
-    "output", None, "CSV to write (default: <workdir>/predictions.csv).")
-_CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "best", CHECKPOINTS, "Which checkpoint's parameters: the "
-    "best by validation mean AUROC, or the latest saved.")
-_BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", None, "Images per model call (default: the run's "
-    "config.eval.batch_size); rounded up to a multiple of the devices.")
-_SKIP_BAD = flags.DEFINE_bool(
-    "skip_bad", False, "Skip unreadable images (counted in a warning, no "
-    "row) instead of stopping at the first.")
+
+
+def _define_flags() -> None:
+  """The flags, defined only when run as a program: importing this module
+  (tests, notebooks) must not clash with main.py's --workdir."""
+  flags.DEFINE_string(
+      "workdir", None, "Workdir of a finished training run (config.json, "
+      "thresholds.json, checkpoints).")
+  flags.DEFINE_multi_string(
+      "inputs", [], "Image files or folders (searched recursively); "
+      "comma-separated and/or repeated.")
+  flags.DEFINE_string(
+      "output", None, "CSV to write (default: <workdir>/predictions.csv).")
+  flags.DEFINE_enum(
+      "checkpoint", "best", CHECKPOINTS, "Which checkpoint's parameters: the "
+      "best by validation mean AUROC, or the latest saved.")
+  flags.DEFINE_integer(
+      "batch_size", None, "Images per model call (default: the run's "
+      "config.eval.batch_size); rounded up to a multiple of the devices.")
+  flags.DEFINE_bool(
+      "skip_bad", False, "Skip unreadable images (counted in a warning, no "
+      "row) instead of stopping at the first.")
 
 
 # ---------------------------------------------------------------------------
@@ -469,8 +473,7 @@ def _one_line(text: str) -> str:
 
 
 def _fail(message: str) -> None:
-  print(f"{PROGRAM}: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  cli.fail(PROGRAM, message)
 
 
 def parse_flags(argv):
@@ -481,39 +484,18 @@ def parse_flags(argv):
     _fail(_one_line(str(e)) or type(e).__name__)
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops orbax's INFO chatter (dozens of lines per restore); keeps
-  warnings."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING
-            or "/orbax/" not in record.pathname.replace(os.sep, "/"))
-
-
-def _enable_compilation_cache() -> None:
-  """Reuses compiled programs across runs (MEDBRIDGE_COMPILATION_CACHE=0:
-  off), as training does."""
-  if os.environ.get("MEDBRIDGE_COMPILATION_CACHE", "1") == "0":
-    return
-  import jax  # pylint: disable=g-import-not-at-top
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(experts_setup.cache_dir(), "jax_compilation"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def main(argv):
+  f = flags.FLAGS
   with errors.exit_on_user_error(PROGRAM):
-    if not _WORKDIR.value:
+    if not f.workdir:
       raise errors.UserError("no workdir given (--workdir=DIR of a finished "
                              "training run)")
     # Words after the flags are inputs too: a shell glob expands to them.
-    inputs = list(_INPUTS.value) + list(argv[1:])
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    _enable_compilation_cache()
-    out = run(_WORKDIR.value, inputs, output=_OUTPUT.value,
-              checkpoint=_CHECKPOINT.value, batch_size=_BATCH_SIZE.value,
-              skip_bad=_SKIP_BAD.value)
+    inputs = list(f.inputs) + list(argv[1:])
+    cli.quiet_libraries()
+    cli.enable_compilation_cache()
+    out = run(f.workdir, inputs, output=f.output, checkpoint=f.checkpoint,
+              batch_size=f.batch_size, skip_bad=f.skip_bad)
     print(f"{out['output']}: {out['rows']} image(s), {len(out['labels'])} "
           f"labels, checkpoint step {out['step']}"
           + (f", {out['skipped']} unreadable skipped" if out["skipped"]
@@ -521,4 +503,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=parse_flags)
