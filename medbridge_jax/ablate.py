@@ -192,7 +192,8 @@ def zero_shot_rows(run_dir: str, set_name: str,
       if r["set"] != set_name or not r["method"].startswith("zero-shot "):
         continue
       v = float(r["auroc"])
-      per.setdefault(r["method"], {})[r["label"]] = v if np.isfinite(v) else None
+      per.setdefault(r["method"], {})[r["label"]] = (
+          v if np.isfinite(v) else None)
   rows = []
   for method, values in per.items():
     mean = values.pop("MEAN", None)
