@@ -214,7 +214,22 @@ def local_batch_size(global_batch_size: int,
   return global_batch_size // process_count
 
 
-class TrainBatches:
+class _CountsSkips:
+  """`skipped` / `skipped_paths` of a batch iterator holding `_bad`."""
+  _bad: _BadImages
+
+  @property
+  def skipped(self) -> int:
+    """Bad images skipped so far (their rows were dropped)."""
+    return self._bad.count
+
+  @property
+  def skipped_paths(self) -> list[str]:
+    """Messages naming the first skipped files."""
+    return list(self._bad.paths)
+
+
+class TrainBatches(_CountsSkips):
   """Endless, shuffled, augmented batches; resumable (see module doc)."""
 
   def __init__(self, dataset: grain.IterDataset, bad: _BadImages):
@@ -226,16 +241,6 @@ class TrainBatches:
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._it)
-
-  @property
-  def skipped(self) -> int:
-    """Bad images skipped so far (their rows were dropped)."""
-    return self._bad.count
-
-  @property
-  def skipped_paths(self) -> list[str]:
-    """Messages naming the first skipped files."""
-    return list(self._bad.paths)
 
   def get_state(self) -> dict:
     return {"grain": self._it.get_state(), "skipped": self._bad.count,
@@ -297,7 +302,7 @@ def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
   return TrainBatches(it, bad)
 
 
-class EvalBatches:
+class EvalBatches(_CountsSkips):
   """One ordered, padded pass per iteration (see module doc)."""
 
   def __init__(self, dataset: grain.IterDataset, bad: _BadImages,
@@ -312,15 +317,6 @@ class EvalBatches:
 
   def __len__(self) -> int:
     return self._num_batches
-
-  @property
-  def skipped(self) -> int:
-    """Bad images skipped in the passes so far (their rows were dropped)."""
-    return self._bad.count
-
-  @property
-  def skipped_paths(self) -> list[str]:
-    return list(self._bad.paths)
 
   def _empty(self) -> dict[str, np.ndarray]:
     b, s, l = self._batch_size, self._size, self._num_labels
