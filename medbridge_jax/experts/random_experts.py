@@ -10,11 +10,17 @@ JAX and their params mapped to HF names by `hf_names`.
 Spec: "family:key=value,...", e.g. "clip:width=64,layers=4,heads=4,patch=8,
 image=64". Keys: width, layers, heads, patch, image, mlp (default 4*width),
 proj (projection width, default width), text_width (32), text_layers (2),
-text_heads (4), text_mlp (4*text_width), text_len (CLIP 77, SigLIP 64).
+text_heads (4), text_mlp (4*text_width), text_len (CLIP 77, SigLIP 64),
+pretrain (0): steps of the generic vision pre-training of
+`experts.pretrain` (small blobs and thin lines on textures, no chest X-rays),
+which gives the vision tower the sight of small things that real foundation
+models have; 0 leaves it purely random. A pre-trained folder also holds
+`pretraining.json` (steps, seed, final losses).
 The tokenizers are tiny: CLIP gets a character-level byte BPE (no merges),
 SigLIP a sentencepiece model trained here on a built-in word list.
 """
 
+import functools
 import io
 import json
 import os
@@ -22,6 +28,7 @@ import shutil
 import tempfile
 from typing import Dict, Tuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +41,8 @@ from medbridge_jax.experts.text import TextConfig, TextTower
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 
 KEYS = ("width", "layers", "heads", "patch", "image", "mlp", "proj",
-        "text_width", "text_layers", "text_heads", "text_mlp", "text_len")
+        "text_width", "text_layers", "text_heads", "text_mlp", "text_len",
+        "pretrain")
 REQUIRED = ("width", "layers", "heads", "patch", "image")
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
@@ -76,7 +84,10 @@ def parse_spec(spec: str) -> Tuple[str, Dict[str, int]]:
     except ValueError:
       raise UserError(f"random expert spec {spec!r}: {key} must be an "
                       f"integer, got {value!r}") from None
-    if values[key] <= 0:
+    if key == "pretrain" and values[key] < 0:
+      raise UserError(f"random expert spec {spec!r}: pretrain must be 0 or "
+                      f"more (steps)")
+    if key != "pretrain" and values[key] <= 0:
       raise UserError(f"random expert spec {spec!r}: {key} must be positive")
   missing = [k for k in REQUIRED if k not in values]
   if missing:
@@ -89,6 +100,7 @@ def parse_spec(spec: str) -> Tuple[str, Dict[str, int]]:
   v.setdefault("text_heads", 4)
   v.setdefault("text_mlp", 4 * v["text_width"])
   v.setdefault("text_len", 77 if family == "clip" else 64)
+  v.setdefault("pretrain", 0)
   for w, h in (("width", "heads"), ("text_width", "text_heads")):
     if v[w] % v[h]:
       raise UserError(f"random expert spec {spec!r}: {w}={v[w]} is not "
@@ -291,6 +303,11 @@ def _write_json(file: str, data):
     f.write("\n")
 
 
+def _log_pretraining(spec: str, steps: int, step: int, terms: dict) -> None:
+  logging.info("Pre-training random expert %s: step %d/%d, loss %.4f", spec,
+               step + 1, steps, sum(terms.values()))
+
+
 def write(path: str, spec: str, seed: int = 0) -> str:
   """Writes a complete random HF folder for `spec` at `path`; returns path.
 
@@ -310,6 +327,14 @@ def write(path: str, spec: str, seed: int = 0) -> str:
       tok = write_siglip_tokenizer(tmp, v["text_len"])
     vision, text = tower_configs(family, v, tok["vocab_size"], tok["eos"])
     params = init_params(vision, text, seed)
+    if v["pretrain"]:
+      from medbridge_jax.experts import pretrain  # pylint: disable=g-import-not-at-top
+      params["vision"], final = pretrain.pretrain(
+          vision, params["vision"], v["pretrain"], seed,
+          log=functools.partial(_log_pretraining, spec, v["pretrain"]))
+      _write_json(os.path.join(tmp, "pretraining.json"), {
+          "steps": v["pretrain"], "seed": seed, "final_losses": final,
+          "task": pretrain.TASK})
     tensors = hf_names.from_params(params, hf_names.all_entries(vision, text))
     save_file(tensors, os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
