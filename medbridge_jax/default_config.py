@@ -7,6 +7,16 @@ of them (`--config.train.steps=100`) and an unknown key is an error.
 
 import ml_collections
 
+# The embedded default's two experts: a CLIP-like and a SigLIP-like ViT of
+# different widths and input sides (random_experts spec strings) ...
+RANDOM_EXPERT_SHAPES = ("clip:width=64,layers=4,heads=4,patch=8,image=64",
+                        "siglip:width=48,layers=4,heads=4,patch=8,image=48")
+# ... given sight by this many steps of generic pre-training (experts.pretrain:
+# small blobs and lines on textures, no chest X-rays; about 3 min on 2 CPU
+# cores, once). Without it a random ViT cannot see a finding smaller than a
+# patch and focal sampling has nothing to show (README, Ablation).
+PRETRAIN_STEPS = 1500
+
 
 def get_default() -> ml_collections.ConfigDict:
   """Defaults: the synthetic chest X-ray data and two small random experts."""
@@ -36,11 +46,12 @@ def get_default() -> ml_collections.ConfigDict:
 
   # ---- Experts --------------------------------------------------------------
   # Hugging Face checkpoint folders of CLIP or SigLIP models. Empty: small
-  # randomly initialised experts described by `random_experts` are written
-  # once to the cache and loaded through the same loader.
+  # random experts described by `random_experts` (briefly pre-trained on a
+  # generic task, see PRETRAIN_STEPS) are written once to the cache and
+  # loaded through the same loader.
   c.experts = ()
-  c.random_experts = ("clip:width=64,layers=4,heads=4,patch=8,image=64",
-                      "siglip:width=48,layers=4,heads=4,patch=8,image=48")
+  c.random_experts = tuple(f"{s},pretrain={PRETRAIN_STEPS}"
+                           for s in RANDOM_EXPERT_SHAPES)
 
   # ---- Model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -114,7 +125,9 @@ def get_default() -> ml_collections.ConfigDict:
 
 
 def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
-  """Makes `c` a run of seconds: tiny data, few steps (tests, smoke runs)."""
+  """Makes `c` a run of seconds: tiny data, few steps, experts without the
+  minutes of pre-training (tests, smoke runs)."""
+  c.random_experts = RANDOM_EXPERT_SHAPES
   c.data.synthetic.num_patients = 60
   c.train.steps = 4
   c.train.batch_size = 8

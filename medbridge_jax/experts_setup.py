@@ -105,12 +105,19 @@ def _as_list(value, name: str) -> list[str]:
 
 def announce(config: ml_collections.ConfigDict) -> None:
   """Says in one line, at start, when small random experts stand in."""
-  if not config.experts:
-    specs = _as_list(config.random_experts, "config.random_experts")
-    logging.info(
-        "No pretrained experts configured (config.experts): using %d small "
-        "randomly initialised experts (%s), written once to %s.", len(specs),
-        "; ".join(specs), os.path.join(cache_dir(), "experts"))
+  if config.experts:
+    return
+  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
+  specs = _as_list(config.random_experts, "config.random_experts")
+  pretrained = any(random_experts.parse_spec(s)[1]["pretrain"] for s in specs)
+  logging.info(
+      "No pretrained experts configured (config.experts): using %d small "
+      "randomly initialised experts (%s)%s, written once to %s.", len(specs),
+      "; ".join(specs),
+      (" whose vision towers get pretrain=N steps of generic synthetic "
+       "pre-training (blobs and lines on textures; no chest X-rays, no real "
+       "weights)") if pretrained else "",
+      os.path.join(cache_dir(), "experts"))
 
 
 def load(config: ml_collections.ConfigDict) -> list:

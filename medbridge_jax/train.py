@@ -546,7 +546,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         f"{', '.join(label_names)}.",
         "Experts: " + ", ".join(
             f"{n} ({e.path})" for n, e in zip(expert_names, experts))
-        + (" (small random experts: no pretrained weights configured)."
+        + (" (small random experts, at most briefly pre-trained on generic "
+           "synthetic images: no pretrained weights configured)."
            if not config.experts else "."),
         f"Training: {total_steps} steps of batch {tc.batch_size}, seed "
         f"{config.seed}; mean AUROC over "

@@ -11,7 +11,9 @@ from medbridge_jax import experts
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import random_experts
 
-DEFAULT_SPECS = tuple(default_config.get_default().random_experts)
+# The default experts' shapes, without the minutes of pre-training
+# (tests/test_experts_pretrain.py covers that).
+DEFAULT_SPECS = default_config.RANDOM_EXPERT_SHAPES
 
 
 def _digest(path):
@@ -30,6 +32,7 @@ def _digest(path):
     ("clip:width=8,layers=1,heads=3,patch=8,image=16", "not divisible"),
     ("clip:width=8,layers=1,heads=1,patch=8,image=20", "not a multiple"),
     ("clip:width=8,layers=0,heads=1,patch=8,image=16", "positive"),
+    ("clip:width=8,layers=1,heads=1,patch=8,image=16,pretrain=-1", "0 or more"),
 ])
 def test_bad_specs(spec, match, tmp_path):
   with pytest.raises(UserError, match=match):
@@ -42,6 +45,16 @@ def test_spec_defaults():
   assert family == "siglip"
   assert v["mlp"] == 192 and v["proj"] == 48 and v["text_len"] == 64
   assert v["text_width"] == 32 and v["text_layers"] == 2
+  assert v["pretrain"] == 0
+
+
+def test_default_experts_are_the_shapes_pretrained():
+  specs = default_config.get_default().random_experts
+  assert len(specs) == len(DEFAULT_SPECS)
+  for spec, shape in zip(specs, DEFAULT_SPECS):
+    family, v = random_experts.parse_spec(spec)
+    assert (family, dict(v, pretrain=0)) == random_experts.parse_spec(shape)
+    assert v["pretrain"] == default_config.PRETRAIN_STEPS > 0
 
 
 @pytest.mark.parametrize("spec", DEFAULT_SPECS)
