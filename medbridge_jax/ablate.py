@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -326,46 +325,15 @@ def _define_flags():
   return config
 
 
-def _fail(message: str) -> None:
-  cli.fail(PROGRAM, message)
-
-
 def _parse_flags(argv):
   """absl's parsing, each failure as one line naming the flag; exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [
-        type(e).__name__]
-    if isinstance(e, (AttributeError, KeyError)):
-      # ml_collections names only the last key component, quoted and
-      # escaped, and maybe a near match; find the flag that holds it.
-      words = re.findall(r"[A-Za-z_]\w*", str(e))
-      key = words[0] if words else str(e)
-      bad = [a.split("=", 1)[0] for a in argv[1:]
-             if a.startswith("--config.")
-             and key in a.split("=", 1)[0][len("--config."):].split(".")]
-      near = re.search(r'Did you mean \W*(\w+)', str(e))
-      _fail(f"unknown config key {key!r}"
-            + (f" in {bad[0]}" if bad else "")
-            + (f" (did you mean {near.group(1)!r}?)" if near else ""))
-    _fail(lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")
+  return cli.parse_flags(PROGRAM, argv)
 
 
 def main(argv, config_flag) -> None:
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    config = config_flag.value
-    config.keys()  # A config file that failed to load raises only on use.
-  except (OSError, ValueError, AttributeError) as e:
-    _fail(str(e).strip().splitlines()[-1].strip() if str(e).strip()
-          else repr(e))
-  spec = flags.FLAGS["config"].serialize().split("=", 1)[1]
-  path, _, arg = spec.partition(":")
-  stem = os.path.splitext(os.path.basename(path))[0]
+  config = cli.load_config(PROGRAM, argv, config_flag)
   workdir = flags.FLAGS.workdir or os.path.join(
-      "workdir", f"ablate_{stem}" + (f"_{arg}" if arg else ""))
+      "workdir", "ablate_" + cli.config_name(cli.config_spec()))
   cli.quiet_libraries()
   with errors.exit_on_user_error(PROGRAM):
     from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -99,8 +99,8 @@ def test_unknown_variant_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--variants=full,nope"], "unknown ablation variant 'nope'"),
-    (["--config.train.stepz=3"], "unknown config key 'stepz' in "
-     "--config.train.stepz"),
+    (["--config.train.stepz=3"], "unknown config key 'train.stepz' in "
+     "--config.train.stepz=3 (did you mean train.steps?)"),
 ])
 def test_command_line_bad_input(tmp_path, args, message):
   proc = subprocess.run(
