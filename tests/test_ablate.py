@@ -15,10 +15,14 @@ import pytest
 
 from medbridge_jax import ablate, errors, report
 from medbridge_jax.data import synthetic
-from tests import test_train_e2e
+from tests import tiny_run
 
-REPO = test_train_e2e.REPO
-cache = test_train_e2e.cache  # The module's private cache fixture.
+REPO = tiny_run.REPO
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  yield from tiny_run.private_cache(tmp_path_factory)
 
 
 def _final_aurocs(run_dir):
@@ -28,7 +32,7 @@ def _final_aurocs(run_dir):
 
 def test_two_variants_table(cache, tmp_path):
   del cache
-  config = test_train_e2e.tiny_config(**{"eval.bootstrap": 0})
+  config = tiny_run.tiny_config(**{"eval.bootstrap": 0})
   workdir = str(tmp_path / "grid")
   # The two cheapest variants (no random crops to compile).
   result = ablate.run(config, workdir, ["no_queries", "global_only"])
@@ -71,7 +75,7 @@ def test_two_variants_table(cache, tmp_path):
 
 
 def test_variants_and_configs():
-  config = test_train_e2e.tiny_config()
+  config = tiny_run.tiny_config()
   grid = ablate.variants(config)
   assert list(grid) == ["full", "global_only", "no_queries", "no_moe",
                         "single_0", "single_1"]
@@ -85,7 +89,7 @@ def test_variants_and_configs():
 def test_single_expert_uses_the_same_weights(cache):
   del cache
   from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
-  config = test_train_e2e.tiny_config()
+  config = tiny_run.tiny_config()
   both, _ = experts_setup.expert_paths(config)
   for k in range(2):
     c = ablate.variant_config(config, ablate.variants(config)[f"single_{k}"])
@@ -94,7 +98,7 @@ def test_single_expert_uses_the_same_weights(cache):
 
 def test_unknown_variant_is_a_user_error(tmp_path):
   with pytest.raises(errors.UserError, match="unknown ablation variant 'nope'"):
-    ablate.run(test_train_e2e.tiny_config(), str(tmp_path), ["full", "nope"])
+    ablate.run(tiny_run.tiny_config(), str(tmp_path), ["full", "nope"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,39 +16,24 @@ import sys
 import numpy as np
 import pytest
 
-from configs import in_domain
 from medbridge_jax import checkpoints, errors, evaluate, experts_setup
 from medbridge_jax import metrics, optim, predict, sharding, train
+from tests import tiny_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = tiny_run.REPO
 PROGRAM = "medbridge_jax.predict"
 
 
 def _config():
-  """runlocal, cheaper still: 2-layer experts, 128 px, no zero-shot."""
-  c = in_domain.get_config("runlocal")
-  c.random_experts = ("clip:width=32,layers=2,heads=2,patch=8,image=32",
-                      "siglip:width=32,layers=2,heads=2,patch=8,image=32")
-  c.data.image_size = 128
-  c.data.synthetic.num_patients = 40
-  c.model.queries.inject_layer = -1
-  c.zero_shot.enabled = False
-  c.eval.bootstrap = 0
-  # Training on one device compiles faster; prediction uses all eight.
-  c.mesh.data = 1
-  return c
+  """The tiny run without zero-shot; trained on one device (it compiles
+  faster), while prediction uses all eight."""
+  return tiny_run.tiny_config(**{"zero_shot.enabled": False,
+                                 "eval.bootstrap": 0, "mesh.data": 1})
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("cache"))
-  old = os.environ.get("MEDBRIDGE_CACHE")
-  os.environ["MEDBRIDGE_CACHE"] = path
-  yield path
-  if old is None:
-    del os.environ["MEDBRIDGE_CACHE"]
-  else:
-    os.environ["MEDBRIDGE_CACHE"] = old
+  yield from tiny_run.private_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -16,52 +16,18 @@ import time
 import numpy as np
 import pytest
 
-from configs import in_domain
 from medbridge_jax import checkpoints, errors, report, train
+from tests import tiny_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The runlocal variant made cheaper still: 2-layer experts, 128 px images.
-TINY = {
-    "random_experts": ("clip:width=32,layers=2,heads=2,patch=8,image=32",
-                       "siglip:width=32,layers=2,heads=2,patch=8,image=32"),
-    "data.image_size": 128,
-    "data.synthetic.num_patients": 40,
-    "model.queries.inject_layer": -1,
-    "eval.bootstrap": 5,
-}
-
-
-def tiny_config(**overrides):
-  c = in_domain.get_config("runlocal")
-  for key, value in {**TINY, **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def as_flags(**overrides):
-  out = []
-  for key, value in {**TINY, **overrides}.items():
-    out.append(f"--config.{key}={value!r}" if isinstance(value, tuple)
-               else f"--config.{key}={value}")
-  return out
+REPO = tiny_run.REPO
+tiny_config = tiny_run.tiny_config
+as_flags = tiny_run.as_flags
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
   """A private cache (data, experts, compiled programs) for this module."""
-  path = str(tmp_path_factory.mktemp("cache"))
-  old = os.environ.get("MEDBRIDGE_CACHE")
-  os.environ["MEDBRIDGE_CACHE"] = path
-  yield path
-  if old is None:
-    del os.environ["MEDBRIDGE_CACHE"]
-  else:
-    os.environ["MEDBRIDGE_CACHE"] = old
+  yield from tiny_run.private_cache(tmp_path_factory)
 
 
 def _final(workdir):
