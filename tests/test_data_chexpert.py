@@ -1,8 +1,6 @@
 """CheXpert reader on fixtures in the published layout and value conventions."""
 
-import gzip
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 from medbridge_jax.data import chexpert
 from medbridge_jax.data import registry
 from medbridge_jax.errors import UserError
+from tests import text_files
 
 N = np.nan
 HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged "
@@ -42,14 +41,7 @@ TEST = ["test/patient64741/study1/view1_frontal.jpg,1,0,0,0,0,0,0,0,0,0,0,0,"
 
 
 def _write(path, header, rows, gz=False):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  text = "\n".join([header] + rows) + "\n"
-  if gz:
-    with gzip.open(path + ".gz", "wt") as f:
-      f.write(text)
-  else:
-    with open(path, "w") as f:
-      f.write(text)
+  text_files.write_lines(path, [header] + rows, gz)
 
 
 @pytest.fixture

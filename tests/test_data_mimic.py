@@ -1,6 +1,5 @@
 """MIMIC-CXR-JPG reader on fixtures in PhysioNet's layout."""
 
-import gzip
 import os
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 
 from medbridge_jax.data import mimic
 from medbridge_jax.errors import UserError
+from tests import text_files
 
 SPLIT_HEADER = "dicom_id,study_id,subject_id,split"
 META_HEADER = (
@@ -19,11 +19,8 @@ LABEL_HEADER = "subject_id,study_id," + ",".join(mimic.LABELS)
 
 
 def _write(root, name, lines, gz=True):
-  text = "\n".join(lines) + "\n"
-  path = os.path.join(root, "mimic-cxr-2.0.0-" + name + (".gz" if gz else ""))
-  with open(path, "wb") as f:
-    f.write(gzip.compress(text.encode()) if gz else text.encode())
-  return path
+  return text_files.write_lines(
+      os.path.join(root, "mimic-cxr-2.0.0-" + name), lines, gz)
 
 
 def _meta(dicom, subject, study, view):

@@ -1,6 +1,5 @@
 """NIH ChestX-ray14 reader on fixtures in the published layout."""
 
-import gzip
 import os
 
 import numpy as np
@@ -10,6 +9,7 @@ from medbridge_jax.data import nih
 from medbridge_jax.data import registry
 from medbridge_jax.data import splits
 from medbridge_jax.errors import UserError
+from tests import text_files
 
 # The original file: header and lines end in a comma, and the bracketed
 # column names contain unquoted commas.
@@ -34,13 +34,7 @@ TEST = ["00000004_000.png"]
 
 
 def _write(path, lines, gz=False):
-  text = "\n".join(lines) + "\n"
-  if gz:
-    with gzip.open(path + ".gz", "wt") as f:
-      f.write(text)
-  else:
-    with open(path, "w") as f:
-      f.write(text)
+  text_files.write_lines(path, lines, gz)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 from medbridge_jax.data import rsna
 from medbridge_jax.data import splits
 from medbridge_jax.errors import UserError
+from tests import text_files
 
 HEADER = "patientId,x,y,width,height,Target"
 CLASS_HEADER = "patientId,class"
@@ -31,8 +32,7 @@ CLASSES = [
 
 
 def _write(root, name, lines):
-  with open(os.path.join(root, name), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  text_files.write_lines(os.path.join(root, name), lines)
 
 
 def _fixture(root, labels=LABELS, classes=CLASSES):

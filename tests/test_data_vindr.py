@@ -9,6 +9,7 @@ import pytest
 from medbridge_jax.data import splits
 from medbridge_jax.data import vindr
 from medbridge_jax.errors import UserError
+from tests import text_files
 
 HEADER = ("image_id,rad_id,Aortic enlargement,Atelectasis,Calcification,"
           "Cardiomegaly,Clavicle fracture,Consolidation,Edema,Emphysema,"
@@ -33,10 +34,7 @@ def _row(image, rad, positive=()):
 
 
 def _write(root, rel, lines):
-  path = os.path.join(root, rel)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  text_files.write_lines(os.path.join(root, rel), lines)
 
 
 TRAIN = [
