@@ -1,6 +1,7 @@
 """The generic pre-training that gives the small random experts sight."""
 
 import json
+import logging
 import os
 
 import jax
@@ -9,7 +10,9 @@ import numpy as np
 from safetensors.numpy import load_file
 from sklearn.metrics import roc_auc_score
 
+from medbridge_jax import default_config
 from medbridge_jax import experts
+from medbridge_jax import experts_setup
 from medbridge_jax.experts import pretrain
 from medbridge_jax.experts import random_experts
 
@@ -139,3 +142,16 @@ def test_written_folder_is_pretrained_vision_with_the_same_text(tmp_path):
   assert not np.allclose(expert.image_features(expert.normalize(images)),
                          experts.load(plain).image_features(
                              expert.normalize(images)))
+
+
+def test_start_up_line_says_how_the_experts_were_made(caplog):
+  config = default_config.get_default()
+  with caplog.at_level(logging.INFO):
+    experts_setup.announce(config)
+    default_config.shrink_for_local_run(config)  # shapes, no pre-training
+    experts_setup.announce(config)
+  pretrained, plain = [r.getMessage() for r in caplog.records
+                       if "No pretrained experts configured" in r.getMessage()]
+  assert f"pretrain={default_config.PRETRAIN_STEPS}" in pretrained
+  assert "generic synthetic pre-training" in pretrained
+  assert "pre-training" not in plain and "pretrain=" not in plain
