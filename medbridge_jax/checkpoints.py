@@ -67,12 +67,19 @@ def check_config(saved: dict | None, current: dict) -> None:
 
 
 class Checkpointer:
-  """Periodic, final and best-by-metric checkpoints of one workdir."""
+  """Periodic, final and best-by-metric checkpoints of one workdir.
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+  `read_only` (for readers such as predict, which may run beside a training
+  run in the same workdir): nothing in the workdir is created, cleaned up,
+  moved or saved; unreadable checkpoints are skipped in place.
+  """
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True,
+               read_only: bool = False):
     self._workdir = workdir
     self._keep = keep
     self._async = async_save
+    self._read_only = read_only
     self._periodic = self._manager("checkpoints", keep)
     self._best = self._manager("best", 1)
     self.best_metric = float("-inf")
@@ -81,10 +88,12 @@ class Checkpointer:
     return ocp.CheckpointManager(
         os.path.join(self._workdir, name),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max(1, keep), create=True,
+            max_to_keep=max(1, keep), create=not self._read_only,
             enable_async_checkpointing=self._async,
-            # A save killed midway leaves a temporary directory behind.
-            cleanup_tmp_directories=True))
+            # A save killed midway leaves a temporary directory behind; a
+            # reader must not remove a running save's one.
+            cleanup_tmp_directories=not self._read_only,
+            read_only=self._read_only))
 
   @property
   def directory(self) -> str:
@@ -108,6 +117,9 @@ class Checkpointer:
     Returns:
       Whether anything was written.
     """
+    if self._read_only:
+      raise ValueError(f"checkpoints of {self._workdir} were opened "
+                       f"read-only")
     if not all_finite(state):
       logging.error("Not saving step %d: the state holds NaN or inf.", step)
       return False
@@ -186,8 +198,13 @@ class Checkpointer:
         last_error = e
         continue
       for bad, err in skipped:
-        self._move_aside(bad, f"{type(err).__name__}: {str(err)[:200]}")
-      if skipped:
+        reason = f"{type(err).__name__}: {str(err)[:200]}"
+        if self._read_only:
+          logging.warning("Checkpoint %d in %s is unreadable (%s); skipped.",
+                          bad, self.directory, reason)
+        else:
+          self._move_aside(bad, reason)
+      if skipped and not self._read_only:
         # The managers cache their step lists; start them afresh.
         self._periodic.close()
         self._periodic = self._manager("checkpoints", self._keep)

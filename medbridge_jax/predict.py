@@ -260,9 +260,10 @@ def load_model(run: Run, checkpoint: str = "best"):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       state)
 
+  # Read-only: a training run may still be writing into this workdir.
   ckpt = checkpoints.Checkpointer(run.workdir,
                                   int(config.train.keep_checkpoints),
-                                  async_save=False)
+                                  async_save=False, read_only=True)
   try:
     if checkpoint == "best":
       try:

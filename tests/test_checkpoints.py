@@ -84,6 +84,31 @@ def test_corrupt_newest_is_skipped(tmp_path, damage):
   c.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_read_only_reader_changes_nothing(tmp_path):
+  """A reader beside a running training (predict) leaves a save in progress
+  and a corrupt newest checkpoint where they are, and cannot save."""
+  _save_steps(tmp_path, [2, 4])
+  for f in glob.glob(str(tmp_path / "checkpoints" / "4" / "state" / "**" /
+                         "d" / "*"), recursive=True):
+    open(f, "w").close()
+  in_progress = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1"
+  os.makedirs(str(in_progress))
+  listing = sorted(os.listdir(tmp_path / "checkpoints"))
+  c = checkpoints.Checkpointer(str(tmp_path), keep=2, read_only=True)
+  state, meta = c.restore(ABSTRACT, CONFIG)
+  assert meta["step"] == 2 and float(state["params"]["w"][0, 0]) == 2.0
+  assert c.restore_best(ABSTRACT) is None  # no metric was ever saved
+  with pytest.raises(ValueError, match="read-only"):
+    c.save(8, _state(8), {"config": CONFIG})
+  c.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == listing
+  assert not os.path.exists(tmp_path / "corrupt")
+  # A writer (training resuming) does clean both up.
+  checkpoints.Checkpointer(str(tmp_path), keep=2).close()
+  assert not in_progress.exists()
+
+
 def test_other_experiment_is_a_user_error(tmp_path):
   _save_steps(tmp_path, [2])
   c = checkpoints.Checkpointer(str(tmp_path), keep=2)
