@@ -75,6 +75,7 @@ def get_default() -> ml_collections.ConfigDict:
   c.model.fusion = ml_collections.ConfigDict()
   c.model.fusion.num_heads = 4  # Heads of the cross-view self-attention.
   c.model.fusion.num_layers = 1  # Cross-view self-attention blocks.
+  c.model.fusion.keep_global = False  # Global view's tokens beside the max.
   c.model.moe = ml_collections.ConfigDict()
   c.model.moe.enabled = True  # False: plain average of the experts' logits.
   c.model.moe.gating = "soft"  # soft | top_k | per_label.

@@ -273,3 +273,15 @@ def test_config_errors(experts, prompts):
   with pytest.raises(UserError, match="crop_size"):
     model.init({"params": jax.random.key(0), "focal": jax.random.key(1)},
                images(1), train=True)
+
+
+def test_keep_global_fusion_heads_see_both_token_sets(experts, prompts):
+  model = medbridge.build(config(**{"fusion.keep_global": True}), experts,
+                          LABELS, prompts)
+  params = medbridge.init_params(model, jax.random.key(0), experts, SIDE)
+  t = 4 + 1  # Q queries + the frozen summary, per set
+  for k in range(len(experts)):
+    assert params[f"expert_{k}"]["head"]["kernel"].shape[0] == 2 * t
+  logits, aux = eval_fn(model)(params, images(4))
+  assert logits.shape == (4, 3) and np.all(np.isfinite(logits))
+  np.testing.assert_allclose(aux["gates"].sum(1), 1.0, atol=1e-6)

@@ -124,6 +124,24 @@ def test_fusion_starts_as_max_over_views_and_mixes_after():
   np.testing.assert_allclose(apply(params, perm), y, rtol=1e-5, atol=1e-5)
 
 
+def test_fusion_keep_global_keeps_the_global_view_beside_the_local_max():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  f = fusion.CrossViewFusion(num_heads=2, num_layers=1, keep_global=True)
+  params = f.init(jax.random.key(1), x)
+  y = f.apply(params, x)  # at init the blocks are the identity
+  assert y.shape == (2, 6, 8)
+  np.testing.assert_allclose(y[:, :3], x[:, 1:].max(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(y[:, 3:], x[:, 0], rtol=1e-6)
+  # A local view can no longer override the global tokens.
+  loud = x.at[:, 2].add(100.0)
+  np.testing.assert_allclose(f.apply(params, loud)[:, 3:], x[:, 0],
+                             rtol=1e-6)
+  # One view: nothing to keep apart.
+  one = x[:, :1]
+  np.testing.assert_allclose(f.apply(f.init(jax.random.key(1), one), one),
+                             one[:, 0], rtol=1e-6)
+
+
 def test_text_initialised_head_is_the_zero_shot_logit():
   rng = np.random.default_rng(0)
   l, p, t = 3, 16, 2

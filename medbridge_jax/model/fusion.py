@@ -10,6 +10,11 @@ per expert: a finding seen in any one crop survives the pooling, and the
 result does not depend on how many views there are (training draws a few
 random crops, evaluation uses every sliding window).
 
+`keep_global` (config `model.fusion.keep_global`, off by default as in the
+paper): the max runs over the local views only and the global view's own T
+tokens are kept beside it, (B, 2T, P), so that local crops cannot override
+what the whole image shows. With one view it changes nothing.
+
 The attention and MLP output projections and the view embeddings start at
 zero, so at initialisation fusion is the identity on each view's tokens and
 the text-initialised heads see the features they were initialised for.
@@ -43,9 +48,11 @@ class Block(nn.Module):
 
 
 class CrossViewFusion(nn.Module):
-  """(B, N, T, P) tokens of N views -> (B, T, P) fused tokens."""
+  """(B, N, T, P) tokens of N views -> (B, T, P) fused tokens ((B, 2T, P)
+  with `keep_global` and N > 1)."""
   num_heads: int = 4
   num_layers: int = 1
+  keep_global: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
@@ -60,4 +67,7 @@ class CrossViewFusion(nn.Module):
     x = x.reshape(b, n * t, p)
     for i in range(self.num_layers):
       x = Block(self.num_heads, name=f"block_{i}")(x)
-    return jnp.max(x.reshape(b, n, t, p), axis=1)
+    x = x.reshape(b, n, t, p)
+    if self.keep_global and n > 1:
+      return jnp.concatenate([jnp.max(x[:, 1:], axis=1), x[:, 0]], axis=1)
+    return jnp.max(x, axis=1)

@@ -75,6 +75,7 @@ class Settings:
   query_init_std: float = 0.02
   fusion_heads: int = 4
   fusion_layers: int = 1
+  fusion_keep_global: bool = False
   moe: bool = True  # False: plain average of the experts' logits.
   gating: str = "soft"
   top_k: int = 1
@@ -110,7 +111,8 @@ class ExpertBranch(nn.Module):
     self.fuses = s.num_local > 0 or s.num_queries > 0
     if self.fuses:
       self.fusion = fusion_lib.CrossViewFusion(s.fusion_heads,
-                                               s.fusion_layers)
+                                               s.fusion_layers,
+                                               s.fusion_keep_global)
     self.head = heads.Head(self.num_labels, self.spec.directions)
 
   def __call__(self, images: Array, train: bool,
@@ -128,6 +130,8 @@ class ExpertBranch(nn.Module):
     tokens = tokens.reshape((b, n) + tokens.shape[1:])
     fused = self.fusion(tokens) if self.fuses else tokens[:, 0]
     logits = self.head(fused)
+    # With fusion.keep_global the fused tokens are [max over local views;
+    # global view]: the gate reads the first, fused, set of queries.
     return logits, query_encoder.pooled_queries(fused, s.num_queries)
 
 
@@ -198,6 +202,7 @@ def settings_from_config(model_config: ml_collections.ConfigDict) -> Settings:
       query_init_std=float(m.queries.init_std),
       fusion_heads=int(m.fusion.num_heads),
       fusion_layers=int(m.fusion.num_layers),
+      fusion_keep_global=bool(m.fusion.keep_global),
       moe=bool(m.moe.enabled),
       gating=str(m.moe.gating),
       top_k=int(m.moe.top_k),
