@@ -78,15 +78,22 @@ def auroc(scores, targets, mask=None) -> np.ndarray:
   return out
 
 
+def _roc_points(s: np.ndarray, pos: np.ndarray):
+  """One label's ROC corners: (thresholds, false positives, true positives)
+  counted at each distinct score, from the highest down (predict positive
+  when score >= threshold); tied scores form one point."""
+  order = np.argsort(-s, kind="stable")
+  s, pos = s[order], pos[order]
+  last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
+  tps = np.cumsum(pos)[last].astype(np.float64)
+  return s[last], (last + 1) - tps, tps
+
+
 def _average_precision(scores, positive):
   if positive.sum() == 0 or positive.sum() == positive.size:
     return np.nan
-  order = np.argsort(-scores, kind="stable")
-  s, pos = scores[order], positive[order]
-  # The last row of each run of tied scores is one threshold.
-  last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
-  tps = np.cumsum(pos)[last].astype(np.float64)
-  precision = tps / (last + 1)
+  _, fps, tps = _roc_points(scores, positive)
+  precision = tps / (fps + tps)
   recall_step = np.diff(np.r_[0.0, tps]) / tps[-1]
   return float(np.sum(recall_step * precision))
 
@@ -102,12 +109,8 @@ def auprc(scores, targets, mask=None) -> np.ndarray:
 def roc_curve(scores, targets, mask=None):
   """(false positive rates, true positive rates) of one label, for plots."""
   scores, positive, mask = _prepare(scores, targets, mask)
-  s, pos = scores[mask[:, 0], 0], positive[mask[:, 0], 0]
-  order = np.argsort(-s, kind="stable")
-  s, pos = s[order], pos[order]
-  last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
-  tps = np.r_[0, np.cumsum(pos)[last]].astype(np.float64)
-  fps = np.r_[0, last + 1].astype(np.float64) - tps
+  _, fps, tps = _roc_points(scores[mask[:, 0], 0], positive[mask[:, 0], 0])
+  fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
   with np.errstate(invalid="ignore", divide="ignore"):
     return fps / max(fps[-1], 1), tps / max(tps[-1], 1)
 
@@ -121,15 +124,11 @@ def youden_thresholds(probs, targets, mask=None) -> np.ndarray:
   probs, positive, mask = _prepare(probs, targets, mask)
   out = np.full(probs.shape[1], np.nan)
   for j in range(probs.shape[1]):
-    s, pos = probs[mask[:, j], j], positive[mask[:, j], j]
+    pos = positive[mask[:, j], j]
     if pos.all() or not pos.any():
       continue
-    order = np.argsort(-s, kind="stable")
-    s, pos = s[order], pos[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
-    tpr = np.cumsum(pos)[last] / pos.sum()
-    fpr = np.cumsum(~pos)[last] / (~pos).sum()
-    out[j] = s[last[np.argmax(tpr - fpr)]]
+    thresholds, fps, tps = _roc_points(probs[mask[:, j], j], pos)
+    out[j] = thresholds[np.argmax(tps / pos.sum() - fps / (~pos).sum())]
   return out
 
 
