@@ -50,7 +50,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 CHECKPOINTS = ("best", "latest")
 
 
-
 def _define_flags() -> None:
   """The flags, defined only when run as a program: importing this module
   (tests, notebooks) must not clash with main.py's --workdir."""
@@ -241,11 +240,7 @@ def load_model(run: Run, checkpoint: str = "best"):
   # Prediction runs on this machine's devices, whatever the run trained on.
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1}))
   replicated = sharding.replicated(mesh)
-  size = int(config.data.image_size)
-  images = jnp.zeros((1, size, size), jnp.float32)
-  abstract = jax.eval_shape(
-      lambda k: model.init({"params": k}, images, train=False)["params"],
-      jax.random.key(0))
+  abstract = medbridge.abstract_params(model, int(config.data.image_size))
   trainable, frozen_abstract = partition.split(abstract)
   frozen = {f"expert_{k}": {"tower": medbridge.check_tower(
       abstract[f"expert_{k}"]["tower"], e)} for k, e in enumerate(experts)}

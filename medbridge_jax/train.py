@@ -350,31 +350,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   model = medbridge.build(config, experts, label_names,
                           prompt_embeddings=prompts)
 
-  # Parameters: shapes first, then a jitted init that lays them out directly
-  # on the mesh (replicated: data parallel). The towers come from the loaded
-  # experts (checked against the shapes); only MedBridge's own parameters are
-  # initialised, which keeps the towers' random init out of the compilation.
+  # Parameters laid out directly on the mesh (replicated: data parallel).
+  # The towers come from the loaded experts (checked against the model's
+  # shapes); only MedBridge's own parameters are initialised.
   replicated = sharding.replicated(mesh)
   init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
-  images = jnp.zeros((1,) + (int(config.data.image_size),) * 2, jnp.float32)
-  abstract = jax.eval_shape(
-      lambda k: model.init({"params": k}, images, train=False)["params"],
-      init_key)
-  towers = jax.device_put(
-      [medbridge.check_tower(abstract[f"expert_{k}"]["tower"], e)
-       for k, e in enumerate(experts)], replicated)
-
-  def init(key, towers):
-    given = {"params": {f"expert_{k}": {"tower": t}
-                        for k, t in enumerate(towers)}}
-    # Evaluation mode: the same parameters, no random crops to compile.
-    _, new = model.apply(given, images, train=False, rngs={"params": key},
-                         mutable=["params"])
-    return new["params"]
-
-  params = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated,
-                                                    abstract))(init_key, towers)
-  del towers
+  params = medbridge.init_params(model, init_key, experts,
+                                 int(config.data.image_size), replicated)
   logging.info("%s.", partition.describe(params))
   trainable, frozen = partition.split(params)
   del params

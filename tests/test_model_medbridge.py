@@ -255,14 +255,14 @@ def test_all_off_is_the_zero_shot_linear_probe(experts, prompts):
   np.testing.assert_allclose(logits, aux["expert_logits"].mean(1), atol=1e-6)
 
 
-def test_load_towers_names_a_wrong_shape(main, experts):
-  _, params, _ = main
+def test_init_params_names_a_wrong_tower_shape(main, experts):
+  model, _, _ = main
   bad = dataclasses.replace(experts[0], params={
       "vision": jax.tree_util.tree_map(lambda a: a, experts[0].params["vision"])
   })
   bad.params["vision"]["position_embedding"] = np.zeros((3, 32), np.float32)
   with pytest.raises(UserError, match="position_embedding"):
-    medbridge.load_towers(params, [bad, experts[1]])
+    medbridge.init_params(model, jax.random.key(0), [bad, experts[1]], SIDE)
 
 
 def test_config_errors(experts, prompts):

@@ -147,8 +147,8 @@ def build(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
                            f"than the crop side {crop}")
   model = medbridge.build(config, [expert] * k, LABELS)
   params = medbridge.init_params(model, jax.random.key(seed), [expert] * k,
-                                 int(config.data.image_size))
-  params = jax.device_put(params, sharding.replicated(mesh))
+                                 int(config.data.image_size),
+                                 sharding.replicated(mesh))
   trainable, frozen = partition.split(params)
   return Setup(config, expert, model, mesh, trainable, frozen)
 

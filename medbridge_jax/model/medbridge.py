@@ -279,42 +279,45 @@ def check_tower(model_tower: Any, expert: Any) -> dict:
       {p: jnp.asarray(v, jnp.float32) for p, v in have.items()}, sep="/")
 
 
-def load_towers(params: dict, experts: Sequence[Any]) -> dict:
-  """`params` with each expert_{k}/tower replaced by the loaded weights."""
-  params = dict(params)
-  for k, e in enumerate(experts):
-    branch = dict(params[f"expert_{k}"])
-    branch["tower"] = check_tower(branch["tower"], e)
-    params[f"expert_{k}"] = branch
-  return params
+def abstract_params(model: MedBridge, image_size: int) -> dict:
+  """The model's params as ShapeDtypeStructs, for images of side
+  `image_size` (nothing is computed)."""
+  images = jnp.zeros((1, image_size, image_size), jnp.float32)
+  return jax.eval_shape(
+      lambda k: model.init({"params": k}, images, train=False)["params"],
+      jax.random.key(0))
 
 
-def init_params(model: MedBridge, rng: Array, experts: Sequence[Any],
-                image_size: int) -> dict:
+def init_params(model: MedBridge, key: Array, experts: Sequence[Any],
+                image_size: int, sharding: Optional[Any] = None) -> dict:
   """MedBridge params (the "params" collection): loaded towers, the rest
-  initialised randomly from `rng`.
+  initialised randomly from `key`.
 
   `image_size` is the stored image side H = W. The towers are never
   randomly initialised: their loaded weights are checked against the
   model's abstract params, then handed to a jitted, mutable apply that only
-  creates the missing (MedBridge) params; XLA drops the unused forward.
+  creates the missing (MedBridge) params; XLA drops the unused forward. It
+  runs in evaluation mode: the same parameters as training mode, with no
+  random crops to compile. `sharding` (e.g. replicated over a mesh) lays
+  every param out directly where it will live.
   """
   if len(experts) != len(model.experts):
     raise ValueError(f"{len(experts)} experts for a model of "
                      f"{len(model.experts)}")
   images = jnp.zeros((1, image_size, image_size), jnp.float32)
-  p_rng, f_rng = jax.random.split(rng)
-  abstract = jax.eval_shape(
-      lambda r, f: model.init({"params": r, "focal": f}, images,
-                              train=True)["params"], p_rng, f_rng)
+  abstract = abstract_params(model, image_size)
   towers = [check_tower(abstract[f"expert_{k}"]["tower"], e)
             for k, e in enumerate(experts)]
+  if sharding is not None:
+    towers = jax.device_put(towers, sharding)
 
-  def init(r, f, towers):
+  def init(k, towers):
     given = {"params": {f"expert_{k}": {"tower": t}
                         for k, t in enumerate(towers)}}
-    _, new = model.apply(given, images, train=True,
-                         rngs={"params": r, "focal": f}, mutable=["params"])
+    _, new = model.apply(given, images, train=False, rngs={"params": k},
+                         mutable=["params"])
     return new["params"]
 
-  return jax.jit(init)(p_rng, f_rng, towers)
+  out_shardings = (None if sharding is None
+                   else jax.tree.map(lambda _: sharding, abstract))
+  return jax.jit(init, out_shardings=out_shardings)(key, towers)
