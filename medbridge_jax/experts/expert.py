@@ -28,6 +28,15 @@ FAMILY_MEAN_STD = {
 }
 
 
+def normalize_pixels(images01, mean, std) -> jax.Array:
+  """[0, 1] channels-last images (..., 1 or 3) -> normalised 3-channel
+  float32 pixels, as the checkpoint's image processor makes them."""
+  x = jnp.asarray(images01, jnp.float32)
+  if x.shape[-1] == 1:
+    x = jnp.repeat(x, 3, axis=-1)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 @dataclasses.dataclass(eq=False)
 class Expert:
   """A loaded expert; see the module docstring and docs/CONTRACTS.md."""
@@ -123,11 +132,7 @@ class Expert:
     if x.ndim < 3 or x.shape[-1] not in (1, 3):
       raise UserError(f"images for {self.name} must be (..., H, W, 1) or "
                       f"(..., H, W, 3) with channels last; got {x.shape}")
-    if x.shape[-1] == 1:
-      x = jnp.repeat(x, 3, axis=-1)
-    mean = jnp.asarray(self.image_mean, jnp.float32)
-    std = jnp.asarray(self.image_std, jnp.float32)
-    return (x - mean) / std
+    return normalize_pixels(x, self.image_mean, self.image_std)
 
   def with_dtype(self, dtype, attention_impl: Optional[str] = "keep"
                  ) -> "Expert":

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medbridge_jax.experts.expert import FAMILY_MEAN_STD
+from medbridge_jax.experts.expert import FAMILY_MEAN_STD, normalize_pixels
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 
 Array = jax.Array
@@ -198,9 +198,7 @@ class Pretrainer(nn.Module):
 
 def normalize(images: Array, family: str) -> Array:
   """(B, S, S) in [0, 1] -> (B, S, S, 3) as the family's processor does."""
-  mean, std = FAMILY_MEAN_STD[family]
-  x = jnp.repeat(images[..., None], 3, axis=-1)
-  return (x - jnp.asarray(mean)) / jnp.asarray(std)
+  return normalize_pixels(images[..., None], *FAMILY_MEAN_STD[family])
 
 
 def losses(out: Dict[str, Array], t: Dict[str, Array]) -> Dict[str, Array]:

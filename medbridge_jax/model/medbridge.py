@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from medbridge_jax.errors import UserError
+from medbridge_jax.experts import expert as expert_lib
 from medbridge_jax.experts import zero_shot
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 from medbridge_jax.model import focal_sampling
@@ -90,8 +91,7 @@ class Settings:
 
 def normalize(views: Array, mean, std) -> Array:
   """(M, S, S) views in [0, 1] -> (M, S, S, 3) normalised pixels."""
-  x = jnp.repeat(views[..., None].astype(jnp.float32), 3, axis=-1)
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return expert_lib.normalize_pixels(views[..., None], mean, std)
 
 
 class ExpertBranch(nn.Module):
