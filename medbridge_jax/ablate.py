@@ -59,6 +59,7 @@ def variants(config: ml_collections.ConfigDict) -> dict[str, Variant]:
   (their seed is the index), so the single-expert run is pointed at the very
   folder the full model loads as expert k: the same frozen weights.
   """
+  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
   out = [
       Variant("full", "MedBridge: focal views + queries + MoE", ()),
       Variant("global_only", "focal sampling off (global view only)",
@@ -70,21 +71,16 @@ def variants(config: ml_collections.ConfigDict) -> dict[str, Variant]:
   ]
   if config.experts:
     names = [os.path.basename(os.path.normpath(p)) for p in
-             _strings(config.experts)]
+             experts_setup.as_list(config.experts, "config.experts")]
   else:
     names = [s.split(":", 1)[0] + " (random)"
-             for s in _strings(config.random_experts)]
+             for s in experts_setup.as_list(config.random_experts,
+                                            "config.random_experts")]
   if len(names) > 1:
     for k, name in enumerate(names):
       out.append(Variant(f"single_{k}", f"expert {k} alone: {name}",
                          (("single_expert", k),)))
   return {v.name: v for v in out}
-
-
-def _strings(value) -> list[str]:
-  if isinstance(value, str):
-    return [v for v in value.split(",") if v]
-  return list(value)
 
 
 def variant_config(config: ml_collections.ConfigDict,
@@ -106,9 +102,9 @@ def variant_config(config: ml_collections.ConfigDict,
 def _keep_one_expert(c: ml_collections.ConfigDict, k: int) -> None:
   from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
   if c.experts:
-    c.experts = (_strings(c.experts)[k],)
+    c.experts = (experts_setup.as_list(c.experts, "config.experts")[k],)
   else:
-    spec = _strings(c.random_experts)[k]
+    spec = experts_setup.as_list(c.random_experts, "config.random_experts")[k]
     c.experts = (experts_setup.random_expert_folder(spec, k),)
 
 

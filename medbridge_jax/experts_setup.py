@@ -76,14 +76,14 @@ def expert_paths(config: ml_collections.ConfigDict) -> tuple[list[str], bool]:
   """(folders to load, whether they are generated random experts)."""
   if config.experts:
     paths = []
-    for i, p in enumerate(_as_list(config.experts, "config.experts")):
+    for i, p in enumerate(as_list(config.experts, "config.experts")):
       full = os.path.abspath(os.path.expanduser(p))
       if not os.path.isdir(full):
         raise errors.UserError(
             f"expert folder not found: {p} (config.experts[{i}])")
       paths.append(full)
     return paths, False
-  specs = _as_list(config.random_experts, "config.random_experts")
+  specs = as_list(config.random_experts, "config.random_experts")
   if not specs:
     raise errors.UserError(
         "no experts: set config.experts to Hugging Face CLIP/SigLIP folders "
@@ -93,7 +93,8 @@ def expert_paths(config: ml_collections.ConfigDict) -> tuple[list[str], bool]:
   return [random_expert_folder(s, i) for i, s in enumerate(specs)], True
 
 
-def _as_list(value, name: str) -> list[str]:
+def as_list(value, name: str) -> list[str]:
+  """`config.experts` / `config.random_experts` (named `name`) as a list."""
   if isinstance(value, str):
     # --config.experts=/a/path (one string) is a common way to pass one.
     value = [v for v in value.split(",") if v]
@@ -108,7 +109,7 @@ def announce(config: ml_collections.ConfigDict) -> None:
   if config.experts:
     return
   from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
-  specs = _as_list(config.random_experts, "config.random_experts")
+  specs = as_list(config.random_experts, "config.random_experts")
   pretrained = any(random_experts.parse_spec(s)[1]["pretrain"] for s in specs)
   logging.info(
       "No pretrained experts configured (config.experts): using %d small "

@@ -468,16 +468,9 @@ def _one_line(text: str) -> str:
   return " ".join(text.split())
 
 
-def _fail(message: str) -> None:
-  cli.fail(PROGRAM, message)
-
-
 def parse_flags(argv):
   """absl's parsing, with every failure as one line and exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    _fail(_one_line(str(e)) or type(e).__name__)
+  return cli.parse_flags(PROGRAM, argv)
 
 
 def main(argv):
