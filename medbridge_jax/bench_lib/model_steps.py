@@ -30,6 +30,7 @@ from medbridge_jax import optim
 from medbridge_jax import sharding
 from medbridge_jax import train
 from medbridge_jax.bench_lib import timing
+from medbridge_jax.data import synthetic
 from medbridge_jax.experts import layers
 from medbridge_jax.experts.vit import VisionTower
 from medbridge_jax.model import focal_sampling
@@ -38,14 +39,14 @@ from medbridge_jax.model import partition
 
 # Named architectures; anything else is a random-expert spec string.
 EXPERTS = {
-    # The default config's first random expert.
-    "tiny": "clip:width=64,layers=4,heads=4,patch=8,image=64",
+    # The default config's first expert's shape (no pre-training: the
+    # weights do not change the cost).
+    "tiny": default_config.RANDOM_EXPERT_SHAPES[0],
     # CLIP ViT-B/16 at 224 px (openai/clip-vit-base-patch16's shape).
     "vit_b16": "clip:width=768,layers=12,heads=12,patch=16,image=224,"
                "proj=512",
 }
-LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion", "Lung Lesion",
-          "Pneumothorax")  # The synthetic data's five findings.
+LABELS = synthetic.LABELS  # The synthetic data's five findings.
 
 
 def expert_spec(name: str) -> str:
