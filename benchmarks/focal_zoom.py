@@ -28,10 +28,10 @@ So the purely random expert sees both findings only once zoomed (nodules
 need about 4x). The default experts are pre-trained on a generic task
 (experts.pretrain, spec pretrain=1500); with --inject=-2 --queries=4
 --crops=64,256 (the default run's query settings), 2026-12-01:
-  random CLIP-like:       nodule 0.676 / 0.533, whole image 0.458 / 0.496
-  pre-trained CLIP-like:  nodule 0.965 / 0.970, whole image 0.458 / 0.514;
-                          pneumothorax 1.000 / 1.000, whole image 0.588 / 0.557
-  pre-trained SigLIP-like (48 px): nodule 0.778 / 0.487
+  random CLIP-like:       nodule 0.690 / 0.532, whole image 0.467 / 0.516
+  pre-trained CLIP-like:  nodule 0.963 / 0.973, whole image 0.466 / 0.512;
+                          pneumothorax 1.000 / 0.996, whole image 0.574 / 0.538
+  pre-trained SigLIP-like (48 px): nodule 0.792 / 0.476
 The pre-trained expert sees the findings at native resolution and not in
 the whole image at 64 px: the situation focal sampling is for (README,
 Ablation).
