@@ -9,7 +9,7 @@ Measurements (--what, comma-separated, or "all"), in this order:
   matmul    an (n, n) x (n, n) jitted matmul in --dtype: the ceiling;
   forward   one frozen expert tower on B views (bf16 stream with
             --dtype=bfloat16; params float32, cast at use);
-  train     the project's MedBridge train step (train.make_train_step) on B
+  train     the project's MedBridge train step (train_step.make_train_step) on B
             stored images: N views x K experts, Query-Encoders, fusion, MoE,
             loss, backward, AdamW;
   eval      the project's evaluation step (evaluate.make_model_fn): every

@@ -10,7 +10,6 @@ order is a function of (seed, position), so a run resumed from a checkpoint
 computes exactly what the uninterrupted run would have.
 """
 
-import dataclasses
 import functools
 import os
 import signal
@@ -25,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from medbridge_jax import checkpoints
 from medbridge_jax import errors
@@ -35,10 +33,12 @@ from medbridge_jax import metrics
 from medbridge_jax import optim
 from medbridge_jax import report
 from medbridge_jax import sharding
+from medbridge_jax import train_step as train_step_lib
+from medbridge_jax.data import resolve
 
 
 # ---------------------------------------------------------------------------
-# Workdir and data.
+# Workdir.
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -54,165 +54,6 @@ def prepare_workdir(workdir: str) -> str:
     raise errors.UserError(
         f"workdir {workdir} cannot be written: {e.strerror or e}") from None
   return path
-
-
-@dataclasses.dataclass
-class Data:
-  """The resolved data of a run."""
-  label_names: tuple[str, ...]
-  train: evaluate.EvalSet  # The training split (targets after policies).
-  eval: evaluate.EvalSet  # The split evaluated periodically and at the end.
-  tests: list[evaluate.EvalSet]  # config.data.test_datasets.
-
-
-def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
-          where: str = "config.data.root") -> tuple[str, str]:
-  """(registry name, folder) of a data set named in the config.
-
-  "synthetic" (the variant of `config.data.synthetic`) with an empty root
-  is generated once into the cache. "synthetic:nih" is the domain-shifted
-  variant, read by the real NIH ChestX-ray14 reader (it is written in that
-  layout, with all 14 NIH labels), so cross-domain runs harmonise its labels
-  exactly as they would a real NIH folder's. Every other data set needs its
-  folder.
-  """
-  d = config.data
-  name, _, variant = dataset.partition(":")
-  if name == "synthetic" and not root:
-    from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    if variant and variant not in synthetic.VARIANTS:
-      raise errors.UserError(
-          f"data set {dataset!r}: unknown synthetic variant; known: "
-          f"{', '.join(synthetic.VARIANTS)}")
-    return ("nih" if variant == "nih" else name), synthetic.ensure(
-        os.path.join(experts_setup.cache_dir(), "data"),
-        num_patients=int(d.synthetic.num_patients), seed=int(d.synthetic.seed),
-        variant=variant or d.synthetic.variant, image_size=int(d.image_size))
-  if variant:
-    raise errors.UserError(
-        f"data set {dataset!r}: only generated synthetic data takes a "
-        f"':variant' (and then no root)")
-  if not root:
-    raise errors.UserError(
-        f"{where} is empty: give the folder of data set {dataset!r}")
-  folder = os.path.expanduser(root)
-  if not os.path.isdir(folder):
-    raise errors.UserError(f"data root not found: {root} ({where})")
-  return name, folder
-
-
-def resolve_data(config: ml_collections.ConfigDict) -> Data:
-  """Reads the split indexes and applies the label policies."""
-  from medbridge_jax.data import registry  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.data import splits  # pylint: disable=g-import-not-at-top
-  d = config.data
-  dataset, root = _root(d.dataset, d.root, config)
-  train_index = registry.read_index(dataset, root, d.train_split)
-  # Nested patient subsets: the 1% patients are among the 10%.
-  train_index = splits.fraction(train_index, float(d.train_fraction),
-                                int(config.seed))
-  label_names = tuple(d.labels) or tuple(train_index.label_names)
-  eval_index = registry.read_index(dataset, root, d.eval_split)
-  tests = []
-  for item in d.test_datasets:
-    if isinstance(item, str) or len(item) != 3:
-      raise errors.UserError(
-          f"config.data.test_datasets entry {item!r} is not (dataset, root, "
-          f"split)")
-    test_name, test_root, split = item
-    index = registry.read_index(
-        *_root(test_name, test_root, config, "config.data.test_datasets"),
-        split)
-    tests.append(evaluate.make_eval_set(f"{test_name}/{split}", index,
-                                        label_names, d))
-  return Data(
-      label_names=label_names,
-      train=evaluate.make_eval_set(f"{d.dataset}/{d.train_split}",
-                                   train_index, label_names, d),
-      eval=evaluate.make_eval_set(f"{d.dataset}/{d.eval_split}", eval_index,
-                                  label_names, d),
-      tests=tests)
-
-
-def train_feed(data: Data, config: ml_collections.ConfigDict):
-  """This host's endless, shuffled, resumable training batches."""
-  from medbridge_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.train_batches(
-      data.train.index,
-      batch_size=sharding.host_batch_size(int(config.train.batch_size)),
-      seed=int(config.seed), available=data.train.available,
-      augment=bool(config.data.augment),
-      **pipeline.options_from_config(config.data))
-
-
-# ---------------------------------------------------------------------------
-# The train step.
-
-
-def make_train_step(model, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule,
-                    config: ml_collections.ConfigDict, mesh):
-  """The jitted update: (state, frozen, batch, class_weights) -> (state, m).
-
-  `state` (step, trainable params, optimizer state) is donated; `frozen`
-  (the experts' towers) is an ordinary argument that gets no gradient.
-  With grad_accum > 1 the batch is cut into micro-batches whose gradients are
-  averaged in a scan before one optimizer update.
-  """
-  from medbridge_jax.model import losses  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
-  accum = int(config.train.grad_accum)
-  step_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  def loss_fn(trainable, frozen, images, targets, mask, key, class_weights):
-    params = partition.merge(trainable, frozen)
-    logits, aux = model.apply({"params": params}, images, train=True,
-                              rngs={"focal": key})
-    return losses.total(logits, aux, targets, mask, config, class_weights)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step_fn(state, frozen, batch, class_weights):
-    key = jax.random.fold_in(step_key, state["step"])
-    images = batch["image"].astype(jnp.float32) / 255.0
-    args = (images, batch["targets"], batch["mask"])
-    if accum == 1:
-      (_, parts), grads = grad_fn(state["params"], frozen, *args, key,
-                                  class_weights)
-    else:
-      # Micro-batch i takes rows i, i + accum, ...: every device keeps an
-      # equal share of every micro-batch, so no rows move between devices.
-      def split(x):
-        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
-      def body(carry, xs):
-        *micro, i = xs
-        micro = [jax.lax.with_sharding_constraint(m, batch_sharding)
-                 for m in micro]
-        (_, p), g = grad_fn(state["params"], frozen, *micro,
-                            jax.random.fold_in(key, i), class_weights)
-        return jax.tree.map(jnp.add, carry, (g, p)), None
-
-      shapes = jax.eval_shape(
-          grad_fn, state["params"], frozen,
-          *[jax.ShapeDtypeStruct((a.shape[0] // accum,) + a.shape[1:], a.dtype)
-            for a in args], key, class_weights)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           (shapes[1], shapes[0][1]))
-      (grads, parts), _ = jax.lax.scan(
-          body, zeros, tuple(split(a) for a in args) + (jnp.arange(accum),))
-      grads, parts = jax.tree.map(lambda x: x / accum, (grads, parts))
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = dict(step=state["step"] + 1,
-                     params=optax.apply_updates(state["params"], updates),
-                     opt_state=opt_state)
-    out = dict(parts, grad_norm=optax.tree.norm(grads),
-               lr=schedule(state["step"]))
-    return new_state, out
-
-  return step_fn
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   sharding.check_batch_size(int(config.eval.batch_size), mesh,
                             "config.eval.batch_size")
 
-  data = resolve_data(config)
+  data = resolve.resolve(config)
   label_names = data.label_names
   logging.info("Data: %d train / %d %s images, %d labels.",
                len(data.train.index), len(data.eval.index), data.eval.name,
@@ -374,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   class_weights = (None if class_weights is None
                    else jax.device_put(jnp.asarray(class_weights), replicated))
 
-  feed = train_feed(data, config)
+  feed = resolve.train_feed(data, config)
   if lead:
     report.write_config(workdir, config)
   ckpt = checkpoints.Checkpointer(workdir, int(tc.keep_checkpoints))
@@ -396,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     report.truncate_jsonl(workdir, -1)
 
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, config, mesh), donate_argnums=(0,),
+      train_step_lib.make_train_step(model, tx, schedule, config, mesh), donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda _: replicated, abstract_state),
                      replicated))
 

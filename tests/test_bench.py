@@ -17,7 +17,7 @@ from medbridge_jax import experts as experts_lib
 from medbridge_jax import experts_setup
 from medbridge_jax import optim
 from medbridge_jax import sharding
-from medbridge_jax import train
+from medbridge_jax import train_step
 from medbridge_jax.bench_lib import flops
 from medbridge_jax.bench_lib import timing
 from medbridge_jax.errors import UserError
@@ -142,7 +142,7 @@ def test_no_backward_runs_through_a_cudnn_path(mode, cache, monkeypatch):
       {"params": key, "focal": key}, x, train=True)["params"], images)
   trainable, frozen = partition.split(params)
   tx = optim.make(c.train)
-  step = train.make_train_step(model, tx, optim.schedule(c.train), c,
+  step = train_step.make_train_step(model, tx, optim.schedule(c.train), c,
                                sharding.make_mesh(c.mesh))
   state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                opt_state=jax.eval_shape(tx.init, trainable))

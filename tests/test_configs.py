@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from medbridge_jax import train
+from medbridge_jax.data import resolve
 from medbridge_jax.data import nih
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -41,7 +41,7 @@ def test_data_efficient_subsets_are_nested_by_patient(tmp_path, monkeypatch):
   for arg in ("10,runlocal", "100,runlocal"):
     config = _get_config("data_efficient", arg)
     config.data.synthetic.num_patients = 200
-    patients[arg] = set(train.resolve_data(config).train.index.patients)
+    patients[arg] = set(resolve.resolve(config).train.index.patients)
   assert patients["10,runlocal"] < patients["100,runlocal"]
   share = len(patients["10,runlocal"]) / len(patients["100,runlocal"])
   assert 0.05 < share < 0.15
@@ -51,7 +51,7 @@ def test_cross_domain_tests_on_shifted_nih_layout_with_harmonised_labels(
     tmp_path, monkeypatch):
   monkeypatch.setenv("MEDBRIDGE_CACHE", str(tmp_path))
   config = _get_config("cross_domain", "runlocal")
-  data = train.resolve_data(config)
+  data = resolve.resolve(config)
   (test,) = data.tests
   assert test.index.label_names == data.label_names
   assert test.available.all()  # Lung Lesion composed from Nodule and Mass.

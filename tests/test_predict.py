@@ -18,6 +18,7 @@ import pytest
 
 from medbridge_jax import checkpoints, errors, evaluate, experts_setup
 from medbridge_jax import metrics, optim, predict, sharding, train
+from medbridge_jax.data import resolve
 from tests import tiny_run
 
 REPO = tiny_run.REPO
@@ -44,7 +45,7 @@ def run(cache, tmp_path_factory):
   config = _config()
   workdir = str(tmp_path_factory.mktemp("run"))
   record = train.train_and_evaluate(config, workdir)
-  data = train.resolve_data(config)
+  data = resolve.resolve(config)
   return workdir, config, data.eval, record
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from medbridge_jax import checkpoints, errors, report, train
+from medbridge_jax.data import resolve
 from tests import tiny_run
 
 REPO = tiny_run.REPO
@@ -160,8 +161,8 @@ class _PoisonAt:
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path,
                                                        monkeypatch):
-  original = train.train_feed
-  monkeypatch.setattr(train, "train_feed",
+  original = resolve.train_feed
+  monkeypatch.setattr(resolve, "train_feed",
                       lambda data, config: _PoisonAt(original(data, config), 3))
   workdir = str(tmp_path / "nan")
   config = tiny_config(**{"train.steps": 6})

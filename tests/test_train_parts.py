@@ -79,13 +79,13 @@ class _Toy:
 
 def _toy_step(accum):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from medbridge_jax import train  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import train_step  # pylint: disable=g-import-not-at-top
   c = default_config.get_default()
   c.train.grad_accum = accum
   c.train.steps, c.train.warmup_steps, c.train.lr = 10, 0, 0.1
   mesh = sharding.make_mesh(c.mesh)
   tx = optim.make(c.train)
-  step = jax.jit(train.make_train_step(_Toy(), tx, optim.schedule(c.train), c,
+  step = jax.jit(train_step.make_train_step(_Toy(), tx, optim.schedule(c.train), c,
                                        mesh), donate_argnums=(0,))
   rng = np.random.default_rng(0)
   trainable = {"head": {"w": jnp.asarray(rng.normal(size=(12, 3)),

@@ -2,7 +2,7 @@
 
   forward  one frozen expert tower, pixels (B, side, side, 3) -> features,
            in the compute dtype with the frozen path's attention kernel;
-  train    `train.make_train_step` (the real step: focal views, K experts'
+  train    `train_step.make_train_step` (the real step: focal views, K experts'
            Query-Encoders, fusion, MoE, loss, backward, AdamW), jitted as
            `train.train_and_evaluate` jits it;
   eval     `evaluate.make_model_fn` (sliding-window views, probabilities);
@@ -28,7 +28,7 @@ from medbridge_jax import experts as experts_lib
 from medbridge_jax import experts_setup
 from medbridge_jax import optim
 from medbridge_jax import sharding
-from medbridge_jax import train
+from medbridge_jax import train_step as train_step_lib
 from medbridge_jax.bench_lib import timing
 from medbridge_jax.data import synthetic
 from medbridge_jax.experts import layers
@@ -186,7 +186,7 @@ def train_step(setup: Setup) -> Call:
   state = jax.device_put(dict(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=tx.init(params)), replicated)
   step = jax.jit(
-      train.make_train_step(setup.model, tx, schedule, c, mesh),
+      train_step_lib.make_train_step(setup.model, tx, schedule, c, mesh),
       donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda _: replicated, state), replicated))
   bs = sharding.batch_sharding(mesh)

@@ -1,0 +1,75 @@
+"""The jitted training update: loss, gradients (optionally accumulated over
+micro-batches) and one optimizer step over the trainable parameters."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from medbridge_jax import sharding
+from medbridge_jax.model import losses
+from medbridge_jax.model import partition
+
+
+def make_train_step(model, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict, mesh):
+  """The jitted update: (state, frozen, batch, class_weights) -> (state, m).
+
+  `state` (step, trainable params, optimizer state) is donated; `frozen`
+  (the experts' towers) is an ordinary argument that gets no gradient.
+  With grad_accum > 1 the batch is cut into micro-batches whose gradients are
+  averaged in a scan before one optimizer update.
+  """
+  accum = int(config.train.grad_accum)
+  step_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def loss_fn(trainable, frozen, images, targets, mask, key, class_weights):
+    params = partition.merge(trainable, frozen)
+    logits, aux = model.apply({"params": params}, images, train=True,
+                              rngs={"focal": key})
+    return losses.total(logits, aux, targets, mask, config, class_weights)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state, frozen, batch, class_weights):
+    key = jax.random.fold_in(step_key, state["step"])
+    images = batch["image"].astype(jnp.float32) / 255.0
+    args = (images, batch["targets"], batch["mask"])
+    if accum == 1:
+      (_, parts), grads = grad_fn(state["params"], frozen, *args, key,
+                                  class_weights)
+    else:
+      # Micro-batch i takes rows i, i + accum, ...: every device keeps an
+      # equal share of every micro-batch, so no rows move between devices.
+      def split(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      def body(carry, xs):
+        *micro, i = xs
+        micro = [jax.lax.with_sharding_constraint(m, batch_sharding)
+                 for m in micro]
+        (_, p), g = grad_fn(state["params"], frozen, *micro,
+                            jax.random.fold_in(key, i), class_weights)
+        return jax.tree.map(jnp.add, carry, (g, p)), None
+
+      shapes = jax.eval_shape(
+          grad_fn, state["params"], frozen,
+          *[jax.ShapeDtypeStruct((a.shape[0] // accum,) + a.shape[1:], a.dtype)
+            for a in args], key, class_weights)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           (shapes[1], shapes[0][1]))
+      (grads, parts), _ = jax.lax.scan(
+          body, zeros, tuple(split(a) for a in args) + (jnp.arange(accum),))
+      grads, parts = jax.tree.map(lambda x: x / accum, (grads, parts))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = dict(step=state["step"] + 1,
+                     params=optax.apply_updates(state["params"], updates),
+                     opt_state=opt_state)
+    out = dict(parts, grad_norm=optax.tree.norm(grads),
+               lr=schedule(state["step"]))
+    return new_state, out
+
+  return step_fn
