@@ -5,14 +5,19 @@ Layout under the workdir:
   best/<step>/          the one checkpoint with the best validation mean AUROC.
   corrupt/<step>-<n>/   checkpoints that failed to restore, moved aside.
 
-Each checkpoint holds two items: "state" (the train state pytree: step,
-trainable parameters, optimizer state) and "meta" (JSON: the data iterator
-state, the best metric so far, the config). A checkpoint whose state holds a
+Each checkpoint holds two items: "state" (the train state pytree of
+`train_state`: step, trainable parameters, optimizer state) and "meta"
+(JSON: the data iterator state, the best metric so far, the config, a
+fingerprint of every frozen tower the state was trained with, and, when
+the state was just evaluated, the decision thresholds chosen on that
+evaluation, so that thresholds always travel with the parameters they were
+computed from). A checkpoint whose state holds a
 non-finite number is never written. On restore the newest checkpoint that
 reads back completely wins; newer unreadable ones (a save killed midway, a
 truncated file) are moved to corrupt/ with a warning.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +69,61 @@ def check_config(saved: dict | None, current: dict) -> None:
   if differ:
     logging.warning("Resuming with changed config values: %s",
                     ", ".join(differ))
+
+
+def fingerprint(tree) -> str:
+  """A hash of a pytree of arrays: every path, dtype, shape and byte.
+
+  Computed on the host from the weights as loaded, so it names exactly the
+  numbers a checkpoint was trained against (another pre-training run, an
+  edited folder or a different file give another fingerprint).
+  """
+  h = hashlib.blake2b(digest_size=16)
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  for path in sorted(flat):
+    x = np.ascontiguousarray(np.asarray(jax.device_get(flat[path])))
+    h.update(f"{path}|{x.dtype}|{x.shape}\0".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def tower_fingerprints(experts, names) -> list[dict]:
+  """Per expert: its display name, folder and vision tower fingerprint."""
+  return [dict(name=n, path=e.path, fingerprint=fingerprint(
+      e.params["vision"])) for e, n in zip(experts, names)]
+
+
+def check_towers(saved: list | None, current: list[dict], where: str) -> None:
+  """UserError when the experts' towers differ from the checkpoint's.
+
+  A checkpoint's trainable parameters (queries, heads, gates) only mean
+  something on top of the exact frozen towers they were trained with.
+  Checkpoints written before fingerprints were kept are accepted with a
+  warning.
+  """
+  if saved is None:
+    logging.warning("%s records no tower fingerprints; the experts' weights "
+                    "cannot be checked against it.", where)
+    return
+  if len(saved) != len(current):
+    raise errors.UserError(
+        f"{where} was trained with {len(saved)} expert(s), the config gives "
+        f"{len(current)}")
+  for k, (s, c) in enumerate(zip(saved, current)):
+    if s.get("fingerprint") != c["fingerprint"]:
+      raise errors.UserError(
+          f"expert {k} ({c['name']}, {c['path']}): its tower weights differ "
+          f"from those {where} was trained with (then {s.get('path')}, "
+          f"fingerprint {s.get('fingerprint')}; now {c['fingerprint']}): "
+          f"another pre-training, platform or edited folder; use the "
+          f"original expert folder or train afresh in another --workdir")
+
+
+def thresholds_meta(split: str, label_names, thresholds) -> dict:
+  """The JSON form of per-label thresholds chosen on `split`."""
+  return {"chosen_on": split, "rule": "max sensitivity + specificity - 1",
+          "thresholds": {n: float(t) if np.isfinite(t) else None
+                         for n, t in zip(label_names, thresholds)}}
 
 
 class Checkpointer:

@@ -125,3 +125,54 @@ def test_all_finite():
   assert checkpoints.all_finite({"a": jnp.ones(3), "i": jnp.int32(1)})
   assert not checkpoints.all_finite({"a": jnp.array([1.0, jnp.inf])})
   assert checkpoints.all_finite({"a": np.zeros(0)})
+
+
+class _Expert:
+  """What tower_fingerprints reads of a loaded expert."""
+
+  def __init__(self, path, vision):
+    self.path, self.params = path, {"vision": vision}
+
+
+def _tower(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"layer_0": {"kernel": rng.normal(size=(4, 3)).astype(np.float32),
+                      "bias": rng.normal(size=(3,)).astype(np.float32)}}
+
+
+def test_fingerprint_names_every_byte_path_and_shape():
+  base = checkpoints.fingerprint(_tower())
+  assert checkpoints.fingerprint(_tower()) == base
+  # One float32 ulp in one weight.
+  t = _tower()
+  t["layer_0"]["kernel"][2, 1] = np.nextafter(t["layer_0"]["kernel"][2, 1],
+                                              np.float32(np.inf))
+  assert checkpoints.fingerprint(t) != base
+  # The same numbers under another name, or in another shape.
+  t = _tower()
+  t["layer_1"] = t.pop("layer_0")
+  assert checkpoints.fingerprint(t) != base
+  t = _tower()
+  t["layer_0"]["kernel"] = t["layer_0"]["kernel"].reshape(3, 4)
+  assert checkpoints.fingerprint(t) != base
+  # The same numbers in another dtype.
+  t = jax.tree.map(lambda x: x.astype(np.float64), _tower())
+  assert checkpoints.fingerprint(t) != base
+
+
+def test_other_towers_are_an_error_naming_the_expert():
+  saved = checkpoints.tower_fingerprints(
+      [_Expert("/m/a", _tower(0)), _Expert("/m/b", _tower(1))], ["a", "b"])
+  checkpoints.check_towers(saved, saved, "ckpt")
+  edited = _tower(1)
+  edited["layer_0"]["bias"][0] += 1e-3
+  now = checkpoints.tower_fingerprints(
+      [_Expert("/m/a", _tower(0)), _Expert("/m/b2", edited)], ["a", "b"])
+  with pytest.raises(errors.UserError,
+                     match=r"expert 1 \(b, /m/b2\): its tower weights differ "
+                           r"from those ckpt was trained with \(then /m/b"):
+    checkpoints.check_towers(saved, now, "ckpt")
+  with pytest.raises(errors.UserError, match="trained with 2 expert"):
+    checkpoints.check_towers(saved, now[:1], "ckpt")
+  # Checkpoints from before fingerprints: accepted (warned).
+  checkpoints.check_towers(None, now, "ckpt")
