@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's measurement on one H200, as one prepared script (~5-8 minutes).
+# The GPU benchmark as one script (~5-8 minutes on one H200).
 #
 # CLIP ViT-B/16 at 224 px (random weights), bf16 frozen stream, batch 256,
 # N views and K experts of the default config (N=5 training views, every

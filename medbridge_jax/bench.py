@@ -1,4 +1,4 @@
-r"""The benchmark harness (issue 7): one JSON line per measurement.
+r"""The benchmark harness: one JSON line per measurement.
 
   python -m medbridge_jax.bench --expert=tiny                  # CPU, seconds
   python -m medbridge_jax.bench --expert=vit_b16 --batch=256 --dtype=bfloat16
@@ -35,7 +35,7 @@ images_per_s_per_worker and input_size.
                   stream, fusion or backward).
   overhead_ratio  images_per_s(step) * N * K / images_per_s(forward): 1.0
                   means the step costs exactly N x K frozen forwards of the
-                  batch (issue 7's target for train: >= 0.85 on GPU).
+                  batch (the target for train on a GPU: >= 0.85).
   compiles        XLA compilations during the warm-up and timed calls of
                   that step: 1 means compiled once for its shapes.
   peak_memory_bytes  the device's high-water mark so far (null on CPU).

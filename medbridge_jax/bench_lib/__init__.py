@@ -1,4 +1,4 @@
-"""Pieces of `python -m medbridge_jax.bench` (issue 7), one idea per file.
+"""Pieces of `python -m medbridge_jax.bench`, one idea per file.
 
   flops        analytic FLOP count of a ViT tower's forward
   timing       timed iterations, compile counting, device facts
