@@ -85,6 +85,24 @@ def read(root: str, split: str = "train", *, views: str = "frontal",
   return _read_file(root, folder, split, views)
 
 
+def sources(root: str, *, folder: str | None = None,
+            **unused_options) -> dict[str, str | None]:
+  """Where each split's rows come from in this folder; None: not here.
+
+  The test labels are optional (they were released later): a folder
+  without them has no "test".
+  """
+  del unused_options  # views: which rows of a file, not which file.
+  root, folder = _locate(root, folder)
+  base = os.path.join(root, folder)
+  out = {}
+  for split, files in SPLIT_FILES.items():
+    found = [f for f in files if csvio.exists(base, f)]
+    out[split] = f"{folder}/{found[0]}" if found else None
+  out["all"] = "every label file present"
+  return out
+
+
 def _locate(root: str, folder: str | None) -> tuple[str, str]:
   """(root, data set folder name), checking that the folder exists."""
   root = os.path.abspath(root)

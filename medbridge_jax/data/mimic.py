@@ -114,6 +114,15 @@ def read(root: str, split: str = "train", *, labeler: str = "chexpert",
       label_names=LABELS, labels=codes[at])
 
 
+def sources(root: str, **unused_options) -> dict[str, str]:
+  """Where each split's rows come from: all three are official."""
+  del root, unused_options  # The split file names every split.
+  out = {ours: f"{_PREFIX}split.csv rows of split {theirs!r}"
+         for theirs, ours in _SPLIT_NAMES.items()}
+  out["all"] = f"every row of {_PREFIX}split.csv"
+  return out
+
+
 def _view_mask(root: str, table: csvio.Table, dicoms: np.ndarray,
                studies: np.ndarray, subjects: np.ndarray,
                views: Sequence[str]) -> np.ndarray:

@@ -89,6 +89,18 @@ def read(root: str, split: str = "train", *,
   return index
 
 
+def sources(root: str, *, valid_fraction: float = VALID_FRACTION,
+            split_seed: int = 0) -> dict[str, str | None]:
+  """Where each split's rows come from in this folder; None: not here."""
+  lists = {k: v if csvio.exists(root, v) else None
+           for k, v in LIST_FILES.items()}
+  held = (f"{valid_fraction:g} of the patients of {lists['train_val']} "
+          f"(split_seed {split_seed})") if lists["train_val"] else None
+  return {"train": held and f"{lists['train_val']} less the valid patients",
+          "valid": held, "test": lists["test"],
+          "train_val": lists["train_val"], "all": "the Data_Entry file"}
+
+
 def _labels(table: csvio.Table) -> np.ndarray:
   """(rows, 15) float32 0/1 from "Finding Labels"."""
   values, inverse = np.unique(table["Finding Labels"], return_inverse=True)

@@ -4,6 +4,11 @@ Each reader is a module-level function `read(root, split, **options) ->
 Index`, named here as "module:function" and imported only when used, so a
 data set's dependencies load only when it is read. Readers check their own
 splits and files; this module checks the name and that the root exists.
+
+A reader may come with `sources(root, **options) -> {split: where}`: for
+each split it knows, where in this folder the split's rows come from, or
+None when the folder lacks it (e.g. CheXpert without test_labels.csv), so
+that a run can carve that split out of the training patients instead.
 """
 
 import importlib
@@ -23,11 +28,23 @@ _READERS: dict[str, str | Reader] = {
     "rsna": "medbridge_jax.data.rsna:read",
     "synthetic": "medbridge_jax.data.synthetic:read",
 }
+# Data sets whose reader says which splits a folder holds (see above).
+_SOURCES: dict[str, str | Callable[..., dict]] = {
+    name: f"medbridge_jax.data.{name}:sources"
+    for name in ("chexpert", "nih", "mimic", "vindr", "rsna")}
 
 
-def register(name: str, reader: str | Reader) -> None:
-  """Adds (or replaces) a reader: a callable or a "module:function" string."""
+def register(name: str, reader: str | Reader,
+             sources: str | Callable[..., dict] | None = None) -> None:
+  """Adds (or replaces) a reader: a callable or a "module:function" string.
+
+  `sources` (same forms) says which splits a folder holds; without it every
+  split the reader accepts is taken to be there.
+  """
   _READERS[name] = reader
+  _SOURCES.pop(name, None)
+  if sources is not None:
+    _SOURCES[name] = sources
 
 
 def known() -> tuple[str, ...]:
@@ -40,7 +57,10 @@ def reader(dataset: str) -> Reader:
   if dataset not in _READERS:
     raise UserError(f"unknown data set {dataset!r}; known: "
                     f"{', '.join(known())}")
-  entry = _READERS[dataset]
+  return _load(_READERS[dataset])
+
+
+def _load(entry):
   if callable(entry):
     return entry
   module, function = entry.split(":")
@@ -58,9 +78,27 @@ def read_index(dataset: str, root: str, split: str,
     **options: reader-specific options (e.g. CheXpert's `views`).
   """
   read = reader(dataset)
+  _check_root(dataset, root)
+  return read(root, split, **options)
+
+
+def sources(dataset: str, root: str,
+            **options) -> dict[str, str | None] | None:
+  """{split: where its rows come from, None if this folder lacks it}.
+
+  None when the data set's reader does not say (then every split it accepts
+  is taken to be there).
+  """
+  reader(dataset)  # Checks the name.
+  _check_root(dataset, root)
+  if dataset not in _SOURCES:
+    return None
+  return _load(_SOURCES[dataset])(root, **options)
+
+
+def _check_root(dataset: str, root: str) -> None:
   if not root:
     raise UserError(f"no root folder given for data set {dataset!r}")
   if not os.path.isdir(root):
     raise UserError(f"data set root {root} does not exist or is not a "
                     "directory")
-  return read(root, split, **options)

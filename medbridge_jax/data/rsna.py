@@ -110,6 +110,20 @@ def read(root: str, split: str = "train", *,
   return train if split == "train" else valid
 
 
+def sources(root: str, *, valid_fraction: float = VALID_FRACTION,
+            test_fraction: float = TEST_FRACTION,
+            split_seed: int = 0) -> dict[str, str]:
+  """Where each split's rows come from: all derived from the training labels
+  (the test labels were never published)."""
+  del root  # One label file holds every labelled image.
+  of = "of the patients of stage_2_train_labels.csv"
+  return {"test": f"{test_fraction:g} {of} (split_seed {split_seed})",
+          "valid": f"{valid_fraction:g} {of} (split_seed {split_seed})",
+          "train": f"the rest {of}",
+          "train_val": f"all but the test patients {of}",
+          "all": "stage_2_train_labels.csv"}
+
+
 def _check_classes(root: str, images: np.ndarray, label: np.ndarray) -> None:
   """Checks the detailed class file against the labels (module docstring)."""
   table = csvio.read_table(

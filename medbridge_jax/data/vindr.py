@@ -87,17 +87,7 @@ def read(root: str, split: str = "train", *, rule: str = "majority",
   if rule not in RULES:
     raise UserError(f"VinDr-CXR aggregation rule {rule!r} is not one of "
                     f"{RULES}")
-  if variant not in VARIANTS:
-    raise UserError(f"VinDr-CXR variant {variant!r} is not one of {VARIANTS}")
-  if variant == "auto":
-    if csvio.exists(root, _PHYSIONET_FILES["train"]):
-      variant = "physionet"
-    elif csvio.exists(root, "train.csv"):
-      variant = "kaggle"
-    else:
-      raise UserError(
-          f"{root}: neither {_PHYSIONET_FILES['train']}[.gz] (PhysioNet "
-          "VinDr-CXR) nor train.csv[.gz] (Kaggle VinBigData) is here")
+  variant = _variant(root, variant)
   official = {"train_val": ("train",), "all": ("train", "test")}
   if variant == "physionet":
     official["test"] = ("test",)
@@ -122,6 +112,43 @@ def read(root: str, split: str = "train", *, rule: str = "majority",
       dataset="vindr", split=split, root=root, paths=paths, patients=ids,
       studies=ids, label_names=label_names,
       labels=np.concatenate([part[1] for part in parts]))
+
+
+def sources(root: str, *, variant: str = "auto",
+            valid_fraction: float = VALID_FRACTION, split_seed: int = 0,
+            **unused_options) -> dict[str, str | None]:
+  """Where each split's rows come from in this folder; None: not here.
+
+  Kaggle's VinBigData, and a PhysioNet folder without the test annotations,
+  have no "test".
+  """
+  del unused_options  # rule: how labels combine, not where rows come from.
+  variant = _variant(root, variant)
+  if variant == "physionet":
+    train = _PHYSIONET_FILES["train"]
+    test = (_PHYSIONET_FILES["test"]
+            if csvio.exists(root, _PHYSIONET_FILES["test"]) else None)
+  else:
+    train, test = "train.csv", None
+  valid = (f"{valid_fraction:g} of the images of {train} "
+           f"(split_seed {split_seed})")
+  return {"train": f"{train} less the valid images", "valid": valid,
+          "train_val": train, "test": test, "all": "every labelled image"}
+
+
+def _variant(root: str, variant: str) -> str:
+  """"physionet" or "kaggle": `variant`, or for "auto" the files present."""
+  if variant not in VARIANTS:
+    raise UserError(f"VinDr-CXR variant {variant!r} is not one of {VARIANTS}")
+  if variant != "auto":
+    return variant
+  if csvio.exists(root, _PHYSIONET_FILES["train"]):
+    return "physionet"
+  if csvio.exists(root, "train.csv"):
+    return "kaggle"
+  raise UserError(
+      f"{root}: neither {_PHYSIONET_FILES['train']}[.gz] (PhysioNet "
+      "VinDr-CXR) nor train.csv[.gz] (Kaggle VinBigData) is here")
 
 
 def _physionet(root: str, split: str, rule: str):
