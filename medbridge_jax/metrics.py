@@ -12,6 +12,11 @@ AUROC ties are handled like scikit-learn's `roc_auc_score` (a tied
 positive/negative pair counts one half) and AUPRC is scikit-learn's
 `average_precision_score` (precision at each distinct threshold weighted by the
 recall step), so both agree with scikit-learn to float rounding.
+
+Bootstrap intervals resample patients when given each row's patient id
+(`groups`): a patient's images are correlated, so resampling images alone
+gives intervals that are too narrow. Two models on the same rows are compared
+with a paired interval of their difference (`paired_auroc_difference`).
 """
 
 import dataclasses
@@ -177,12 +182,93 @@ def label_indices(label_names: Sequence[str], subset: Sequence[str] = ()
   return np.array([names.index(s) for s in subset], np.int64)
 
 
-def bootstrap_auroc_ci(scores, targets, mask=None, *, label_names=None,
-                       subset: Sequence[str] = (), num_resamples: int = 200,
-                       seed: int = 0, level: float = 0.95):
+def group_index(groups, n: int) -> tuple[np.ndarray, int]:
+  """Each row's group number, groups numbered by first appearance.
+
+  Args:
+    groups: (n,) hashable group ids (patient ids), or None: every row is its
+      own group.
+    n: the number of rows.
+
+  Returns:
+    (index (n,) int64, number of distinct groups).
+  """
+  if groups is None:
+    return np.arange(n), n
+  groups = list(groups.tolist() if isinstance(groups, np.ndarray) else groups)
+  if len(groups) != n:
+    raise ValueError(f"groups has {len(groups)} entries for {n} rows")
+  numbers = {}
+  index = np.array([numbers.setdefault(g, len(numbers)) for g in groups],
+                   np.int64)
+  return index, len(numbers)
+
+
+def resample_weights(groups, n: int, num_resamples: int, seed: int
+                     ) -> tuple[np.ndarray, int]:
+  """Row weights of a cluster bootstrap: groups drawn with replacement.
+
+  Resample b draws `num_groups` group numbers with
+  `np.random.default_rng(seed).integers(0, num_groups, num_groups)` (one call
+  per resample, in order; groups numbered as `group_index` does) and weights
+  every row by how often its group was drawn. Without groups the rows are
+  the groups, i.e. the plain image-level bootstrap.
+
+  Returns:
+    (weights (num_resamples, n) float64, number of groups).
+  """
+  index, num_groups = group_index(groups, n)
+  rng = np.random.default_rng(seed)
+  counts = np.zeros((max(num_resamples, 0), num_groups))
+  for b in range(counts.shape[0]):
+    counts[b] = np.bincount(rng.integers(0, num_groups, num_groups),
+                            minlength=num_groups)
+  return counts[:, index], num_groups
+
+
+def _auroc_samples(scores, positive, mask, weights) -> np.ndarray:
+  """(B, L) AUROC of every label under each of B row-weight vectors."""
+  samples = np.full((weights.shape[0], scores.shape[1]), np.nan)
+  for j in range(scores.shape[1]):
+    keep = mask[:, j]
+    samples[:, j] = _weighted_auroc(scores[keep, j], positive[keep, j],
+                                    weights[:, keep])
+  return samples
+
+
+def _sample_means(samples: np.ndarray, idx: np.ndarray) -> np.ndarray:
+  """Per resample, the mean of columns `idx` over its defined labels; the
+  resamples where none is defined are dropped."""
+  sub = samples[:, idx]
+  defined = np.isfinite(sub)
+  # Labels undefined on the full data are undefined in every mean.
+  means = np.where(defined, sub, 0.0).sum(1) / np.maximum(defined.sum(1), 1)
+  return means[defined.any(1)]
+
+
+def _interval(values: np.ndarray, level: float) -> np.ndarray:
+  """Percentile interval (2,) of the finite `values`; nan if fewer than 2."""
+  v = values[np.isfinite(values)]
+  if v.size < 2:
+    return np.full(2, np.nan)
+  alpha = (1 - level) / 2
+  return np.quantile(v, [alpha, 1 - alpha])
+
+
+def _names(label_names, num_labels: int) -> list:
+  return list(label_names if label_names is not None else range(num_labels))
+
+
+def bootstrap_auroc_ci(scores, targets, mask=None, *, groups=None,
+                       label_names=None, subset: Sequence[str] = (),
+                       num_resamples: int = 200, seed: int = 0,
+                       level: float = 0.95):
   """Percentile bootstrap intervals of per-label AUROC and of mean AUROC.
 
-  Rows (images) are resampled with replacement, the same resample for every
+  With `groups` (N,) (patient ids), the distinct groups are resampled with
+  replacement and each row weighted by how often its group was drawn (a
+  cluster bootstrap: a patient's correlated images stay together); without,
+  rows are resampled (see `resample_weights`). The same resample serves every
   label, so the interval of the mean accounts for correlated labels. A
   resample where a label has one class only is skipped for that label.
   Deterministic given `seed`.
@@ -193,34 +279,93 @@ def bootstrap_auroc_ci(scores, targets, mask=None, *, label_names=None,
   """
   scores, positive, mask = _prepare(scores, targets, mask)
   n, num_labels = scores.shape
-  per_label = np.full((num_labels, 2), np.nan)
   if num_resamples <= 0 or n == 0:
-    return per_label, np.full(2, np.nan)
-  rng = np.random.default_rng(seed)
-  counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n)
-                     for _ in range(num_resamples)]).astype(np.float64)
-  samples = np.full((num_resamples, num_labels), np.nan)
-  for j in range(num_labels):
-    keep = mask[:, j]
-    samples[:, j] = _weighted_auroc(scores[keep, j], positive[keep, j],
-                                    counts[:, keep])
-  alpha = (1 - level) / 2
-  for j in range(num_labels):
-    v = samples[:, j][np.isfinite(samples[:, j])]
-    if v.size >= 2:
-      per_label[j] = np.quantile(v, [alpha, 1 - alpha])
-  names = label_names if label_names is not None else range(num_labels)
-  idx = label_indices(list(names), subset)
-  with np.errstate(invalid="ignore"):
-    sub = samples[:, idx]
-    defined = np.isfinite(sub)
-    # Labels undefined on the full data are undefined in every mean.
-    sub = np.where(defined, sub, 0.0)
-    means = sub.sum(1) / np.maximum(defined.sum(1), 1)
-    means = means[defined.any(1)]
-  mean_ci = (np.quantile(means, [alpha, 1 - alpha]) if means.size >= 2
-             else np.full(2, np.nan))
-  return per_label, mean_ci
+    group_index(groups, n)  # Still reject groups of the wrong length.
+    return np.full((num_labels, 2), np.nan), np.full(2, np.nan)
+  weights, _ = resample_weights(groups, n, num_resamples, seed)
+  samples = _auroc_samples(scores, positive, mask, weights)
+  per_label = np.stack([_interval(samples[:, j], level)
+                        for j in range(num_labels)])
+  idx = label_indices(_names(label_names, num_labels), subset)
+  return per_label, _interval(_sample_means(samples, idx), level)
+
+
+@dataclasses.dataclass
+class PairedDifference:
+  """AUROC of model a minus model b on the same rows, with paired intervals.
+
+  Both models are scored on every resample of the same bootstrap (same rows,
+  same patient draws), so what they share cancels in the difference.
+  """
+  label_names: tuple[str, ...]
+  difference: np.ndarray  # (L,) AUROC a - b; nan where undefined.
+  interval: np.ndarray  # (L, 2) percentile interval of the difference.
+  mean_difference: float  # Mean AUROC a - b over `mean_labels`.
+  mean_interval: np.ndarray  # (2,)
+  p_value: float  # Share of resamples with mean difference <= 0.
+  mean_labels: tuple[str, ...]
+  num_groups: int  # Patients (or rows, without groups) resampled.
+  num_resamples: int
+  level: float
+
+  def to_json(self) -> dict:
+    """A JSON-able dict (nan becomes None)."""
+    def f(x):
+      x = float(x)
+      return x if np.isfinite(x) else None
+    return dict(
+        mean_difference=f(self.mean_difference),
+        mean_interval=[f(v) for v in self.mean_interval],
+        p_value=f(self.p_value), mean_labels=list(self.mean_labels),
+        num_groups=int(self.num_groups),
+        num_resamples=int(self.num_resamples), level=float(self.level),
+        labels={n: dict(difference=f(self.difference[j]),
+                        interval=[f(v) for v in self.interval[j]])
+                for j, n in enumerate(self.label_names)})
+
+
+def paired_auroc_difference(scores_a, scores_b, targets, mask=None, *,
+                            groups=None, label_names=None,
+                            subset: Sequence[str] = (),
+                            num_resamples: int = 200, seed: int = 0,
+                            level: float = 0.95) -> PairedDifference:
+  """Paired bootstrap of AUROC(a) - AUROC(b), two models on the same rows.
+
+  Resamples exactly as `bootstrap_auroc_ci` (patients when `groups` is
+  given) and applies each resample to both models. Labels undefined on the
+  full data are left out of the mean, as in `summarize`.
+  """
+  scores_b, _, _ = _prepare(scores_b, targets, mask)
+  scores_a, positive, mask = _prepare(scores_a, targets, mask)
+  n, num_labels = scores_a.shape
+  names = _names(label_names, num_labels)
+  idx = label_indices(names, subset)
+  roc_a, roc_b = (_auroc_samples(s, positive, mask, np.ones((1, n)))[0]
+                  for s in (scores_a, scores_b))
+  difference = roc_a - roc_b
+  mean_difference = (mean_over(roc_a, names, subset)
+                     - mean_over(roc_b, names, subset))
+  interval = np.full((num_labels, 2), np.nan)
+  mean_interval, p_value = np.full(2, np.nan), float("nan")
+  _, num_groups = group_index(groups, n)
+  if num_resamples > 0 and n > 0:
+    weights, _ = resample_weights(groups, n, num_resamples, seed)
+    # Which labels a resample defines depends on targets and weights only,
+    # so both models' samples are nan in the same places.
+    samples = (_auroc_samples(scores_a, positive, mask, weights)
+               - _auroc_samples(scores_b, positive, mask, weights))
+    interval = np.stack([_interval(samples[:, j], level)
+                         for j in range(num_labels)])
+    means = _sample_means(samples, idx)
+    mean_interval = _interval(means, level)
+    if means.size:
+      p_value = float(np.mean(means <= 0))
+  return PairedDifference(
+      label_names=tuple(str(x) for x in names), difference=difference,
+      interval=interval, mean_difference=mean_difference,
+      mean_interval=mean_interval, p_value=p_value,
+      mean_labels=tuple(str(names[i]) for i in idx), num_groups=num_groups,
+      num_resamples=max(int(num_resamples), 0), level=float(level))
 
 
 @dataclasses.dataclass
@@ -239,6 +384,12 @@ class Summary:
   undefined: tuple[str, ...]  # Labels with one class only: no AUROC.
   positives: np.ndarray  # (L,) known positives.
   negatives: np.ndarray  # (L,) known negatives.
+  # What the bootstrap resampled: "patients" (cluster bootstrap over
+  # `num_groups` patients) or "images" (rows, `num_groups` of them).
+  ci_unit: str = "images"
+  num_groups: int = 0
+  num_resamples: int = 0  # 0: no intervals.
+  ci_seed: int = 0  # The bootstrap's seed, to pair other models with it.
 
   def to_json(self) -> dict:
     """A JSON-able dict (nan becomes None)."""
@@ -256,13 +407,19 @@ class Summary:
                 mean_auroc_ci=[f(v) for v in self.mean_auroc_ci],
                 mean_auprc=f(self.mean_auprc), mean_ece=f(self.mean_ece),
                 mean_labels=list(self.mean_labels),
-                undefined=list(self.undefined), labels=per)
+                undefined=list(self.undefined), ci_unit=self.ci_unit,
+                num_groups=int(self.num_groups),
+                num_resamples=int(self.num_resamples), labels=per)
 
 
 def summarize(probs, targets, mask, label_names: Sequence[str], *,
               mean_labels: Sequence[str] = (), bootstrap: int = 0,
-              seed: int = 0, ece_bins: int = 10) -> Summary:
-  """Every metric of one evaluation of probabilities `probs` (N, L)."""
+              seed: int = 0, ece_bins: int = 10, groups=None) -> Summary:
+  """Every metric of one evaluation of probabilities `probs` (N, L).
+
+  `groups` (N,): each row's patient id; the intervals then resample
+  patients (see `bootstrap_auroc_ci`).
+  """
   label_names = tuple(label_names)
   probs_, positive, known = _prepare(probs, targets, mask)
   if probs_.shape[1] != len(label_names):
@@ -272,8 +429,8 @@ def summarize(probs, targets, mask, label_names: Sequence[str], *,
   pr = auprc(probs, targets, mask)
   ece = expected_calibration_error(probs, targets, mask, ece_bins)
   ci, mean_ci = bootstrap_auroc_ci(
-      probs, targets, mask, label_names=label_names, subset=mean_labels,
-      num_resamples=bootstrap, seed=seed)
+      probs, targets, mask, groups=groups, label_names=label_names,
+      subset=mean_labels, num_resamples=bootstrap, seed=seed)
   idx = label_indices(label_names, mean_labels)
   return Summary(
       label_names=label_names, auroc=roc, auprc=pr, ece=ece, auroc_ci=ci,
@@ -284,4 +441,7 @@ def summarize(probs, targets, mask, label_names: Sequence[str], *,
       mean_labels=tuple(label_names[i] for i in idx),
       undefined=tuple(n for n, v in zip(label_names, roc)
                       if not np.isfinite(v)),
-      positives=(positive & known).sum(0), negatives=(~positive & known).sum(0))
+      positives=(positive & known).sum(0), negatives=(~positive & known).sum(0),
+      ci_unit="images" if groups is None else "patients",
+      num_groups=group_index(groups, probs_.shape[0])[1],
+      num_resamples=max(int(bootstrap), 0), ci_seed=int(seed))
