@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import hashlib
 import io
 import os
 
@@ -154,6 +155,146 @@ def test_global_findings_change_much_of_the_64px_view_focal_ones_do_not():
   for name in synthetic.GLOBAL_LABELS:
     assert counts[name] >= 40, counts
   assert counts["Lung Lesion"] <= 4 * len(patient.nodules), counts
+
+
+# sha256 of images made by the generator before it had the dose knobs
+# (focal_scale, focal_contrast): its float32 renders at 256 px of these
+# (patient, study) pairs of seed 0 (nodules and pneumothoraces among them),
+# with their pleural-line masks, and every file `ensure` wrote for 6
+# patients of seed 3 at 96 px.
+_OLD_RENDERS = {
+    "chexpert": (
+        [(3, 0), (4, 2), (6, 0), (15, 1)],
+        "68cb638bab44b07a13dbe1437bfb0ae9e6a4dd6721152ceaf10a0ac64cab4da5"),
+    "nih": (
+        [(1, 0), (2, 0), (3, 0), (4, 2)],
+        "9e93fda5d9c4e54a750a5539e42603dd116a9a905eb66450fd78ef5dad2eb401"),
+}
+_OLD_FILES = {
+    "chexpert":
+        "a1d4b5aee5f98ed860ed7e2543f2cacee5495bc3b7936d939d68b7e6baa747d4",
+    "nih": "45f3e739440798f9999be9c50e826d190e21587cb83db9f6c2a7968300fb4a2b",
+}
+
+
+def _render_hash(variant, pairs, **dose):
+  h = hashlib.sha256()
+  for pid, k in pairs:
+    p = synthetic.draw_patient(0, pid, variant)
+    img, geo = synthetic.render(p, synthetic.draw_study(p, 0, k, variant),
+                                SIZE, variant, **dose)
+    h.update(img.tobytes())
+    h.update(np.asarray(geo["pleural_line"]).tobytes())
+  return h.hexdigest()
+
+
+def _files_hash(root):
+  h = hashlib.sha256()
+  for folder, _, names in sorted(os.walk(root)):
+    for name in sorted(names):
+      if name == ".complete":  # Holds the generation time.
+        continue
+      path = os.path.join(folder, name)
+      h.update(os.path.relpath(path, root).encode())
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+@pytest.mark.parametrize("variant", synthetic.VARIANTS)
+def test_default_dose_gives_the_images_of_before_bit_for_bit(variant,
+                                                             tmp_path):
+  pairs, want = _OLD_RENDERS[variant]
+  assert _render_hash(variant, pairs) == want
+  assert _render_hash(variant, pairs, focal_scale=1.0,
+                      focal_contrast=1.0) == want
+  assert _render_hash(variant, pairs, focal_scale=1.5) != want
+  root = synthetic.ensure(str(tmp_path), 6, 3, variant, 96, focal_scale=1.0,
+                          focal_contrast=1.0)
+  assert os.path.basename(root) == f"synthetic-{variant}-p6-s3-96px-g2"
+  assert _files_hash(root) == _OLD_FILES[variant]
+
+
+def _identity_exposure(study):
+  """The study with exposure x -> x, so a rendered difference is the drawn
+  finding itself (noise and texture are the same draws either way)."""
+  return dataclasses.replace(study, gain=1.0, gamma=1.0, offset=0.0)
+
+
+def _changed(img, img0):
+  return int((img != img0).sum())
+
+
+def test_focal_scale_and_contrast_grow_the_drawn_nodule():
+  """Patient 3 of seed 0 has one nodule: radius r px, contrast c. Its drawn
+  disk covers the pixels within r + 1/2 of its centre, and adds about
+  c * pi * r^2 in all (the antialiased disk's area times its contrast)."""
+  patient = synthetic.draw_patient(0, 3)
+  (_, _, radius, contrast), = patient.nodules
+  study = _identity_exposure(synthetic.draw_study(patient, 0, 0))
+  img0, _ = synthetic.render(patient, dataclasses.replace(
+      study, show_nodules=False, pneumothorax=()))
+  counts = {}
+  for scale, gain in ((1, 1), (2, 1), (4, 1), (1, 2), (2, 0.5)):
+    img, geo = synthetic.render(patient, dataclasses.replace(
+        study, pneumothorax=()), focal_scale=scale, focal_contrast=gain)
+    (row, col, r), = geo["nodules"]
+    assert r == pytest.approx(radius * scale)
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    disk = np.hypot(rows - row, cols - col) < r + 0.5
+    changed = img != img0
+    assert abs(int(changed.sum()) - int(disk.sum())) <= 2
+    assert not (changed & ~disk).any()
+    added = float((img - img0).sum())
+    assert added == pytest.approx(contrast * gain * np.pi * r * r, rel=0.03)
+    counts[scale, gain] = _changed(img, img0)
+  assert counts[1, 1] < counts[2, 1] < counts[4, 1]
+  assert counts[1, 1] == counts[1, 2]  # Contrast changes no extent.
+
+
+def test_focal_scale_widens_the_pleural_line():
+  """The line's coverage is about `width * scale` pixels across, so what
+  it adds doubles with the scale; contrast multiplies it as it is."""
+  patient = synthetic.draw_patient(0, 5)
+  study = _identity_exposure(synthetic.draw_study(patient, 0, 0))
+  ptx = (1, 0.03, 0.6, 0.3, 1.2)  # side, depth, extent, contrast, width
+  study = dataclasses.replace(study, pneumothorax=ptx, show_nodules=False)
+  img0, _ = synthetic.render(patient, dataclasses.replace(
+      study, pneumothorax=ptx[:3] + (0.0,) + ptx[4:]))
+  added, changed, mask = {}, {}, {}
+  for scale, gain in ((1, 1), (2, 1), (1, 0.5)):
+    img, geo = synthetic.render(patient, study, focal_scale=scale,
+                                focal_contrast=gain)
+    added[scale, gain] = float((img - img0).sum())
+    changed[scale, gain] = _changed(img, img0)
+    mask[scale, gain] = int(geo["pleural_line"].sum())
+  assert mask[1, 1] > 100
+  assert added[2, 1] / added[1, 1] == pytest.approx(2.0, rel=0.05)
+  assert added[1, 0.5] / added[1, 1] == pytest.approx(0.5, rel=1e-3)
+  assert changed[1, 1] < changed[2, 1]
+  assert mask[2, 1] / mask[1, 1] == pytest.approx(2.0, rel=0.25)
+
+
+def test_dose_knobs_key_the_cache_and_are_checked(tmp_path):
+  names = {synthetic.cache_name(4, 2, "chexpert", 64, s, c)
+           for s, c in ((1, 1), (2, 1), (1, 2), (2, 2), (1.0000001, 1))}
+  assert len(names) == 5
+  assert synthetic.cache_name(4, 2, "chexpert", 64, 1.0, 1.0) == (
+      "synthetic-chexpert-p4-s2-64px-g2")
+  assert synthetic.cache_name(4, 2, "chexpert", 64, 0.5, 1) == (
+      "synthetic-chexpert-p4-s2-64px-fs0.5-g2")
+  assert synthetic.draw_patient(0, 3).nodules  # Something to draw larger.
+  default = synthetic.ensure(str(tmp_path), 3, 0, "chexpert", 64)
+  big = synthetic.ensure(str(tmp_path), 3, 0, "chexpert", 64, focal_scale=4)
+  assert big != default and big.endswith("-fs4.0-g2")
+  assert _files_hash(big) != _files_hash(default)
+  for scale, contrast, key in ((0, 1, "focal_scale"), (-1, 1, "focal_scale"),
+                               (17, 1, "focal_scale"),
+                               (1, -0.5, "focal_contrast"),
+                               (1, float("nan"), "focal_contrast")):
+    with pytest.raises(UserError, match=f"data.synthetic.{key}="):
+      synthetic.ensure(str(tmp_path), 3, 2, "chexpert", 64,
+                       focal_scale=scale, focal_contrast=contrast)
 
 
 def test_label_groups():

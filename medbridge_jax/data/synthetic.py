@@ -22,6 +22,10 @@ Findings come in two kinds, which `GLOBAL_LABELS` / `FOCAL_LABELS` name:
     lateral chest wall, with no lung markings beyond it). Their contrast is
     many times the noise at full resolution, but 4-5x average pooling smears
     them below the lung texture (checked in tests/test_data_synthetic.py).
+    Two dose knobs make them easier or harder to see (dose-response
+    experiments): `focal_scale` multiplies the nodules' radius and the
+    pleural line's width, `focal_contrast` their contrast; 1.0 and 1.0 (the
+    defaults) give the images above, bit for bit.
 
 Labels follow CheXpert-like prevalences and co-occurrence: cardiac disease
 (a patient trait) makes effusion and edema more likely, effusion makes edema
@@ -44,7 +48,8 @@ Layouts (`variant`):
     in images_001/images/.
 
 `ensure()` generates once into a cache folder named by every parameter and
-`GENERATOR_VERSION`, writes a completion marker last and reuses thereafter.
+`GENERATOR_VERSION` (the dose knobs only when not 1.0, so the default data
+keeps its folder), writes a completion marker last and reuses thereafter.
 """
 
 import csv
@@ -100,6 +105,8 @@ _REF = 256.0  # sizes in pixels below are at this image size
 # into one; it is smooth, so at full resolution the nodule's sharp edge
 # still stands out (see tests/test_data_synthetic.py).
 _TEXTURE_OCTAVES = ((4, 1.7), (8, 1.0), (16, 1.0))
+# Largest focal_scale: a 2.1 px nodule radius becomes 34 px, a lung's width.
+MAX_FOCAL_SCALE = 16.0
 
 
 def label_names(variant: str) -> tuple[str, ...]:
@@ -263,12 +270,16 @@ def _texture(rng, size: int, cells: int) -> np.ndarray:
 
 
 def render(patient: Patient, study: Study, size: int = 256,
-           variant: str = "chexpert") -> tuple[np.ndarray, dict]:
+           variant: str = "chexpert", focal_scale: float = 1.0,
+           focal_contrast: float = 1.0) -> tuple[np.ndarray, dict]:
   """Renders one radiograph.
 
   The smooth anatomy is computed on a half-resolution grid and upsampled
   (its edges are about two pixels wide anyway); lung texture, the focal
-  findings and the noise are made at full resolution.
+  findings and the noise are made at full resolution. `focal_scale`
+  multiplies the nodules' radius and the pleural line's width,
+  `focal_contrast` their contrast (see `check_dose`); at 1.0 they change
+  nothing (x * 1.0 is x exactly in floating point).
 
   Returns:
     (image, geometry): float32 (size, size) in [0, 1] before quantisation,
@@ -283,14 +294,14 @@ def render(patient: Patient, study: Study, size: int = 256,
   texture = sum(w * _texture(rng, size, max(4, size // cell))
                 for cell, w in _TEXTURE_OCTAVES)
   img += _upsample(amplitude, size) * texture
-  line = _pleural_line(patient, study, size)
+  line = _pleural_line(patient, study, size, focal_scale)
   if study.pneumothorax:
-    img += study.pneumothorax[3] * line
+    img += study.pneumothorax[3] * focal_contrast * line
   nodules = []
   if study.show_nodules:
     for nx, ny, radius, contrast in patient.nodules:
-      nodules.append(_disk(img, nx, ny, radius * size / _REF, contrast, study,
-                           size))
+      nodules.append(_disk(img, nx, ny, radius * focal_scale * size / _REF,
+                           contrast * focal_contrast, study, size))
   # Exposure, blur (NIH), collimation border, quantum noise.
   img = np.clip(img, 1e-6, 1)
   img = study.offset + study.gain * np.exp(study.gamma * np.log(img))
@@ -407,8 +418,10 @@ def _anatomy(p: Patient, s: Study, n: int):
   return img, amplitude, lung
 
 
-def _pleural_line(p: Patient, s: Study, size: int) -> np.ndarray:
-  """Coverage (size, size) of the pneumothorax's visceral pleural line.
+def _pleural_line(p: Patient, s: Study, size: int,
+                  scale: float = 1.0) -> np.ndarray:
+  """Coverage (size, size) of the pneumothorax's visceral pleural line,
+  `scale` times its drawn width.
 
   The line runs `depth` inside the lung's lateral border t = lat(y), from the
   apex down to `extent` of the lung height; its distance to the pixel is
@@ -425,7 +438,7 @@ def _pleural_line(p: Patient, s: Study, size: int) -> np.ndarray:
           / (0.45 * g.height)) * (g.q < 1)
   dist = np.abs(g.lat - depth - g.t) / np.sqrt(1.0 + dlat * dlat) * size
   along = _sigmoid((extent - g.v) / 0.03) * (g.side == pside)
-  line = np.clip(width * size / _REF / 2 + 0.5 - dist, 0, 1) * along
+  line = np.clip(width * scale * size / _REF / 2 + 0.5 - dist, 0, 1) * along
   line *= (g.lat > g.med + depth + 0.01) * (g.v > -0.05)
   return line.astype(np.float32)
 
@@ -493,6 +506,18 @@ def _check_variant(variant: str) -> None:
     raise UserError(f"synthetic variant {variant!r} is not one of {VARIANTS}")
 
 
+def check_dose(focal_scale: float, focal_contrast: float) -> None:
+  """UserError unless 0 < focal_scale <= MAX_FOCAL_SCALE and
+  focal_contrast >= 0 (0 draws the focal findings invisible: labels only)."""
+  scale, contrast = float(focal_scale), float(focal_contrast)
+  if not (math.isfinite(scale) and 0 < scale <= MAX_FOCAL_SCALE):
+    raise UserError(f"data.synthetic.focal_scale={focal_scale} must be in "
+                    f"(0, {MAX_FOCAL_SCALE:g}]")
+  if not (math.isfinite(contrast) and contrast >= 0):
+    raise UserError(f"data.synthetic.focal_contrast={focal_contrast} must be "
+                    f"0 or more")
+
+
 def _num_studies(rng) -> int:
   return int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
 
@@ -512,13 +537,17 @@ def _held_out(num_patients: int, seed: int, variant: str,
 
 
 def generate(out_dir: str, num_patients: int, seed: int = 0,
-             variant: str = "chexpert", image_size: int = 256) -> None:
+             variant: str = "chexpert", image_size: int = 256,
+             focal_scale: float = 1.0, focal_contrast: float = 1.0) -> None:
   """Writes the data set into `out_dir` (no caching; see `ensure`)."""
   _check_variant(variant)
+  check_dose(focal_scale, focal_contrast)
+  dose = dict(focal_scale=float(focal_scale),
+              focal_contrast=float(focal_contrast))
   if variant == "chexpert":
-    _write_chexpert(out_dir, num_patients, seed, image_size)
+    _write_chexpert(out_dir, num_patients, seed, image_size, dose)
   else:
-    _write_nih(out_dir, num_patients, seed, image_size)
+    _write_nih(out_dir, num_patients, seed, image_size, dose)
 
 
 def _studies(num_patients, seed, variant):
@@ -529,7 +558,7 @@ def _studies(num_patients, seed, variant):
       yield patient, draw_study(patient, seed, k, variant), rng
 
 
-def _write_chexpert(out_dir, num_patients, seed, size):
+def _write_chexpert(out_dir, num_patients, seed, size, dose):
   base = os.path.join(out_dir, CHEXPERT_FOLDER)
   held = _held_out(num_patients, seed, "chexpert",
                    {"valid": VALID_FRACTION, "test": TEST_FRACTION})
@@ -538,7 +567,7 @@ def _write_chexpert(out_dir, num_patients, seed, size):
     split = held.get(patient.pid, "train")
     rel = (f"{split}/patient{patient.pid:05d}/study{study.index + 1}/"
            "view1_frontal.jpg")
-    image, _ = render(patient, study, size, "chexpert")
+    image, _ = render(patient, study, size, "chexpert", **dose)
     path = os.path.join(base, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(to_uint8(image), "L").save(path, quality=95)
@@ -570,7 +599,7 @@ def _fmt(code: float) -> str:
   return "" if math.isnan(code) else f"{code:.1f}"
 
 
-def _write_nih(out_dir, num_patients, seed, size):
+def _write_nih(out_dir, num_patients, seed, size, dose):
   held = _held_out(num_patients, seed, "nih", {"test": NIH_TEST_FRACTION})
   entries, lists = [], {"train_val": [], "test": []}
   spacing = f"{0.143 * 1024 / size:.3f}"
@@ -580,7 +609,7 @@ def _write_nih(out_dir, num_patients, seed, size):
     folder = f"images_{count // 10000 + 1:03d}/images"
     count += 1
     os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
-    image, _ = render(patient, study, size, "nih")
+    image, _ = render(patient, study, size, "nih", **dose)
     Image.fromarray(to_uint8(image), "L").save(
         os.path.join(out_dir, folder, name), compress_level=1)
     found = sorted(NIH_NAMES[n] for n in LABELS
@@ -601,15 +630,24 @@ def _write_nih(out_dir, num_patients, seed, size):
       f.write("".join(n + "\n" for n in names))
 
 
-def cache_name(num_patients: int, seed: int, variant: str,
-               image_size: int) -> str:
-  """The cache folder name: every parameter and the generator version."""
+def cache_name(num_patients: int, seed: int, variant: str, image_size: int,
+               focal_scale: float = 1.0, focal_contrast: float = 1.0) -> str:
+  """The cache folder name: every parameter and the generator version.
+
+  The dose knobs appear only when not 1.0 (the default images are the same
+  with or without them, so they keep their folder), each as the shortest
+  text that reads back as the same float: two values never share a name.
+  """
+  dose = "".join(f"-{tag}{float(v)!r}" for tag, v in (("fs", focal_scale),
+                                                      ("fc", focal_contrast))
+                 if float(v) != 1.0)
   return (f"synthetic-{variant}-p{num_patients}-s{seed}-{image_size}px"
-          f"-g{GENERATOR_VERSION}")
+          f"{dose}-g{GENERATOR_VERSION}")
 
 
 def ensure(cache_dir: str, num_patients: int, seed: int = 0,
-           variant: str = "chexpert", image_size: int = 256) -> str:
+           variant: str = "chexpert", image_size: int = 256,
+           focal_scale: float = 1.0, focal_contrast: float = 1.0) -> str:
   """The root of the generated data set, generating it on first use.
 
   Generation goes to a private temporary folder that is renamed into place
@@ -617,6 +655,7 @@ def ensure(cache_dir: str, num_patients: int, seed: int = 0,
   run never leaves a half-written data set that looks complete.
   """
   _check_variant(variant)
+  check_dose(focal_scale, focal_contrast)
   if int(num_patients) < 2:
     raise UserError(f"synthetic num_patients must be at least 2, got "
                     f"{num_patients}")
@@ -624,7 +663,8 @@ def ensure(cache_dir: str, num_patients: int, seed: int = 0,
     raise UserError(f"synthetic image_size must be at least 64, got "
                     f"{image_size}")
   root = os.path.join(os.path.abspath(cache_dir),
-                      cache_name(num_patients, seed, variant, image_size))
+                      cache_name(num_patients, seed, variant, image_size,
+                                 focal_scale, focal_contrast))
   if os.path.isfile(os.path.join(root, _MARKER)):
     return root
   try:
@@ -634,7 +674,8 @@ def ensure(cache_dir: str, num_patients: int, seed: int = 0,
   tmp = f"{root}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   try:
     start = time.time()
-    generate(tmp, int(num_patients), int(seed), variant, int(image_size))
+    generate(tmp, int(num_patients), int(seed), variant, int(image_size),
+             float(focal_scale), float(focal_contrast))
     with open(os.path.join(tmp, _MARKER), "w") as f:
       f.write(f"generator {GENERATOR_VERSION}, {time.time() - start:.1f} s\n")
     if os.path.isdir(root):  # an old incomplete one
