@@ -43,6 +43,8 @@ def get_default() -> ml_collections.ConfigDict:
   c.data.synthetic.num_patients = 1200  # Patients; each has 1-4 studies.
   c.data.synthetic.seed = 0  # Generator seed (independent of c.seed).
   c.data.synthetic.variant = "chexpert"  # chexpert layout | nih (shifted domain).
+  c.data.synthetic.focal_scale = 1.0  # x nodule radius, x pleural-line width.
+  c.data.synthetic.focal_contrast = 1.0  # x the focal findings' contrast.
 
   # ---- Experts --------------------------------------------------------------
   # Hugging Face checkpoint folders of CLIP or SigLIP models. Empty: small
