@@ -117,14 +117,18 @@ def evaluate(fn: ImageFn, eval_set: EvalSet, *, batch_size: int, mesh,
              data_config, label_names: Sequence[str],
              mean_labels: Sequence[str] = (), bootstrap: int = 0,
              seed: int = 0) -> report.Result:
-  """Predicts the split and computes every metric."""
+  """Predicts the split and computes every metric.
+
+  Intervals resample the split's patients (a patient's images together).
+  """
   probs, seen = predict(fn, eval_set, batch_size, mesh, data_config)
   probs, targets, mask = (probs[seen], eval_set.targets[seen],
                           eval_set.mask[seen])
+  groups = np.asarray(eval_set.index.patients, dtype=object)[seen]
   summary = metrics.summarize(probs, targets, mask, label_names,
                               mean_labels=mean_labels, bootstrap=bootstrap,
-                              seed=seed)
-  return report.Result(summary, probs, targets, mask)
+                              seed=seed, groups=groups)
+  return report.Result(summary, probs, targets, mask, groups)
 
 
 def record(step: int, set_name: str, summary: metrics.Summary, **extra
@@ -134,6 +138,7 @@ def record(step: int, set_name: str, summary: metrics.Summary, **extra
   out = dict(step=int(step), set=set_name, mean_auroc=j["mean_auroc"],
              mean_auroc_ci=j["mean_auroc_ci"], mean_auprc=j["mean_auprc"],
              mean_ece=j["mean_ece"], undefined=j["undefined"],
+             ci_unit=j["ci_unit"], num_groups=j["num_groups"],
              auroc={k: v["auroc"] for k, v in j["labels"].items()},
              auprc={k: v["auprc"] for k, v in j["labels"].items()})
   out.update(extra)

@@ -2,8 +2,9 @@
 
 Written into the workdir:
   metrics.jsonl        one JSON object per evaluation (appended as they run).
-  report/report.md     per-label AUROC with 95% CI, AUPRC, ECE, mean AUROC,
-                       the zero-shot baseline beside MedBridge.
+  report/report.md     per-label AUROC with patient-level 95% CI, AUPRC,
+                       ECE, mean AUROC, the zero-shot baseline beside
+                       MedBridge with a paired interval of the difference.
   report/metrics.csv   the same numbers, one row per (set, method, label).
   report/roc_*.png     ROC curves, one figure per evaluated set.
   report.md            the same report at the top of the workdir (its image
@@ -18,7 +19,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +33,39 @@ class Result:
   probs: np.ndarray  # (N, L)
   targets: np.ndarray  # (N, L)
   mask: np.ndarray  # (N, L)
+  groups: Optional[np.ndarray] = None  # (N,) patient ids; None: unknown.
+
+
+def paired_difference(a: Result, b: Result, bootstrap: int, seed: int = 0,
+                      mean_labels: Optional[Sequence[str]] = None
+                      ) -> metrics.PairedDifference:
+  """Mean and per-label AUROC of `a` minus `b`, with paired intervals.
+
+  Both Results must come from the same rows of one split (equal targets and
+  masks); patients are resampled when either carries `groups`.
+
+  Args:
+    a, b: two methods evaluated on the same rows.
+    bootstrap: number of resamples (0: point differences only).
+    seed: the bootstrap's seed.
+    mean_labels: labels in the mean; `a.summary.mean_labels` if None.
+  """
+  names = a.summary.label_names
+  if b.summary.label_names != names:
+    raise ValueError(f"labels differ: {names} and {b.summary.label_names}")
+  for what in ("targets", "mask"):
+    x, y = np.asarray(getattr(a, what)), np.asarray(getattr(b, what))
+    if x.shape != y.shape or not np.array_equal(x, y, equal_nan=True):
+      raise ValueError(f"the two results' {what} differ: not the same rows "
+                       "of one split, no paired difference")
+  groups = a.groups if a.groups is not None else b.groups
+  if (a.groups is not None and b.groups is not None
+      and list(np.asarray(a.groups)) != list(np.asarray(b.groups))):
+    raise ValueError("the two results' patients (groups) differ")
+  return metrics.paired_auroc_difference(
+      a.probs, b.probs, a.targets, a.mask, groups=groups, label_names=names,
+      subset=a.summary.mean_labels if mean_labels is None else mean_labels,
+      num_resamples=bootstrap, seed=seed)
 
 
 def append_jsonl(workdir: str, record: Mapping) -> None:
@@ -131,8 +165,32 @@ def _plot_roc(path: str, set_name: str, results: Mapping[str, Result]) -> None:
   plt.close(fig)
 
 
+def _ci_note(s: metrics.Summary, num_images: int) -> str:
+  """One line: what the intervals resampled, and how often."""
+  if s.num_resamples <= 0:
+    return "No confidence intervals (no bootstrap resamples)."
+  if s.ci_unit == "patients":
+    return (f"95% CI, {s.num_resamples} patient-level bootstrap resamples "
+            f"over {s.num_groups} patients ({num_images} images).")
+  return (f"95% CI, {s.num_resamples} image-level bootstrap resamples over "
+          f"{s.num_groups} images (patients unknown).")
+
+
+def _delta(d: metrics.PairedDifference) -> tuple[str, str]:
+  """(other - main [CI], share of resamples with other >= main) of `d`,
+  which holds main - other."""
+  lo, hi = (-float(v) for v in d.mean_interval[::-1])
+  ci = (f" [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) and np.isfinite(hi)
+        else "")
+  delta = -float(d.mean_difference)
+  text = f"{delta:+.3f}{ci}" if np.isfinite(delta) else "n/a"
+  return text, _num(d.p_value)
+
+
 def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
-              images: Mapping[str, str], main: str) -> str:
+              images: Mapping[str, str], main: str,
+              diffs: Mapping[str, Mapping[str, metrics.PairedDifference]]
+              ) -> str:
   out = ["# MedBridge results", ""] + list(header) + [""]
   for set_name, results in sets.items():
     ours = results[main]
@@ -146,11 +204,26 @@ def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
                    f"; {m} {_num(results[m].summary.mean_auroc)}"
                    for m in others) + "**")
     out.append("")
+    out.append(_ci_note(s, len(ours.targets)))
+    out.append("")
     out.append(f"Mean AUPRC {_num(s.mean_auprc)}, mean ECE {_num(s.mean_ece)}.")
     if s.undefined:
       out.append(f"No AUROC (one class only in this set, left out of means): "
                  f"{', '.join(s.undefined)}.")
     out.append("")
+    if others:
+      # The share of resamples where the other method is at least as good
+      # is the one-sided bootstrap p-value of "main is better".
+      head = ["Method", "Mean AUROC",
+              f"Δ mean AUROC vs {main} [paired 95% CI]",
+              "One-sided p (share of resamples with Δ ≥ 0)"]
+      out.append("| " + " | ".join(head) + " |")
+      out.append("|" + "---|" * len(head))
+      for m in others:
+        delta, p = _delta(diffs[set_name][m])
+        out.append(f"| {m} | {_num(results[m].summary.mean_auroc)} | {delta} "
+                   f"| {p} |")
+      out.append("")
     head = (["Label", "Pos", "Neg", f"{main} AUROC [95% CI]", "AUPRC", "ECE"]
             + [f"{m} AUROC" for m in others])
     out.append("| " + " | ".join(head) + " |")
@@ -166,18 +239,36 @@ def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
 
 
 def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
-          header: Sequence[str] = (), main: str = "MedBridge") -> str:
+          header: Sequence[str] = (), main: str = "MedBridge", *,
+          bootstrap: Optional[int] = None, seed: Optional[int] = None) -> str:
   """Writes report/report.md, report/metrics.csv, ROC PNGs and report.md.
 
   Args:
     workdir: the run's workdir.
-    sets: evaluated set name -> method name -> `Result`; every set has `main`.
+    sets: evaluated set name -> method name -> `Result`; every set has `main`,
+      and the Results of one set come from the same rows of one split.
     header: lines printed under the title (run facts: config, steps, ...).
-    main: the method the table is about; the others are extra columns.
+    main: the method the table is about; the others are extra columns, each
+      with a paired interval of its mean AUROC minus `main`'s.
+    bootstrap: resamples of the paired intervals; None: as many as `main`'s
+      own intervals used in that set.
+    seed: their seed; None: the seed of `main`'s own intervals.
 
   Returns:
     The path of workdir/report.md.
+
+  Raises:
+    ValueError: two Results of one set have different targets.
   """
+  diffs = {}
+  for set_name, results in sets.items():
+    ours = results[main]
+    diffs[set_name] = {
+        m: paired_difference(
+            ours, r, ours.summary.num_resamples if bootstrap is None
+            else bootstrap,
+            ours.summary.ci_seed if seed is None else seed)
+        for m, r in results.items() if m != main}
   report_dir = os.path.join(workdir, "report")
   os.makedirs(report_dir, exist_ok=True)
   images = {}
@@ -201,9 +292,10 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
                     f"{s.mean_auroc_ci[0]:.6f}", f"{s.mean_auroc_ci[1]:.6f}",
                     f"{s.mean_auprc:.6f}", f"{s.mean_ece:.6f}", "", ""])
   with open(os.path.join(report_dir, "report.md"), "w") as f:
-    f.write(_markdown(sets, header, images, main))
+    f.write(_markdown(sets, header, images, main, diffs))
   top = os.path.join(workdir, "report.md")
   with open(top, "w") as f:
     f.write(_markdown(sets, header,
-                      {k: f"report/{v}" for k, v in images.items()}, main))
+                      {k: f"report/{v}" for k, v in images.items()}, main,
+                      diffs))
   return top
