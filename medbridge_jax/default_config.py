@@ -28,7 +28,8 @@ def get_default() -> ml_collections.ConfigDict:
   c.data.dataset = "synthetic"  # chexpert | nih | mimic | vindr | rsna | synthetic
   c.data.root = ""  # Data set root; "" = generate synthetic data in the cache.
   c.data.train_split = "train"  # Split to train on.
-  c.data.eval_split = "valid"  # Split evaluated periodically and at the end.
+  c.data.valid_split = "valid"  # Periodic eval, best checkpoint, thresholds.
+  c.data.test_split = "test"  # Held out: every reported number comes from it.
   c.data.test_datasets = ()  # Extra (dataset, root, split) triples to test on.
   c.data.image_size = 256  # Side of the stored high-resolution image (pixels).
   c.data.labels = ()  # Label names to train on; () = the data set's own.

@@ -1,7 +1,9 @@
 """The task configs: variants, fractions, and cross-domain label harmonisation."""
 
+import csv
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
@@ -41,10 +43,47 @@ def test_data_efficient_subsets_are_nested_by_patient(tmp_path, monkeypatch):
   for arg in ("10,runlocal", "100,runlocal"):
     config = _get_config("data_efficient", arg)
     config.data.synthetic.num_patients = 200
-    patients[arg] = set(resolve.resolve(config).train.index.patients)
+    data = resolve.resolve(config)
+    patients[arg] = set(data.train.index.patients)
+    # The subset never reaches into the held-out patients.
+    assert not patients[arg] & (set(data.valid.index.patients)
+                                | set(data.test.index.patients))
   assert patients["10,runlocal"] < patients["100,runlocal"]
   share = len(patients["10,runlocal"]) / len(patients["100,runlocal"])
   assert 0.05 < share < 0.15
+
+
+def _csv_split(path, frontal):
+  """(rows kept, their patients) of a label file, read with the csv module:
+  the frontal rows (by column if it has one, else by file name)."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  kept = [r for r in rows
+          if (r["Frontal/Lateral"] == "Frontal" if frontal
+              else r["Path"].endswith("_frontal.jpg"))]
+  return len(kept), {re.search(r"patient\d+", r["Path"]).group()
+                     for r in kept}
+
+
+def test_synthetic_default_has_train_valid_test_without_shared_patient(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv("MEDBRIDGE_CACHE", str(tmp_path))
+  config = _get_config("in_domain", "runlocal")
+  data = resolve.resolve(config)
+  base = os.path.join(data.train.index.root, "CheXpert-v1.0-small")
+  want = {"train": _csv_split(os.path.join(base, "train.csv"), True),
+          "valid": _csv_split(os.path.join(base, "valid.csv"), True),
+          "test": _csv_split(os.path.join(base, "test_labels.csv"), False)}
+  got = {role: getattr(data, role).index for role in want}
+  for role, (count, patients) in want.items():
+    assert len(got[role]) == count > 0, role
+    assert set(got[role].patients) == patients, role
+  assert not (want["train"][1] & want["valid"][1]
+              or want["train"][1] & want["test"][1]
+              or want["valid"][1] & want["test"][1])
+  assert (data.valid.name, data.test.name) == ("synthetic/valid",
+                                                "synthetic/test")
+  assert data.extra_tests == []
 
 
 def test_cross_domain_tests_on_shifted_nih_layout_with_harmonised_labels(
@@ -52,7 +91,7 @@ def test_cross_domain_tests_on_shifted_nih_layout_with_harmonised_labels(
   monkeypatch.setenv("MEDBRIDGE_CACHE", str(tmp_path))
   config = _get_config("cross_domain", "runlocal")
   data = resolve.resolve(config)
-  (test,) = data.tests
+  (test,) = data.extra_tests
   assert test.index.label_names == data.label_names
   assert test.available.all()  # Lung Lesion composed from Nodule and Mass.
   # The same rows read by the NIH reader directly: Effusion is the test

@@ -7,8 +7,11 @@ import pytest
 
 from medbridge_jax.data import chexpert
 from medbridge_jax.data import registry
+from medbridge_jax.data import resolve
 from medbridge_jax.errors import UserError
 from tests import text_files
+from tests.test_data_splits import data_config
+from tests.test_data_splits import first_by_hash
 
 N = np.nan
 HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged "
@@ -179,3 +182,137 @@ def test_registry_accepts_a_registered_callable(root):
     assert len(registry.read_index("mine", root, "valid")) == 2
   finally:
     registry._READERS.pop("mine")  # pylint: disable=protected-access
+
+
+# -- As a run resolves it: train / valid / test, patient-disjoint. ----------
+
+
+def test_resolve_reads_the_official_test_labels(root):
+  _write(os.path.join(root, "CheXpert-v1.0-small", "test_labels.csv"),
+         TEST_HEADER, TEST)
+  data = resolve.resolve(data_config("chexpert", root))
+  assert data.test.index.paths == (
+      "CheXpert-v1.0-small/test/patient64741/study1/view1_frontal.jpg",)
+  assert data.test.index.patients == ("patient64741",)
+  assert data.valid.index.patients == ("patient64541", "patient64542")
+  assert data.train.index.patients == ("patient00001", "patient00002",
+                                       "patient00002")
+  assert (data.valid.name, data.test.name) == ("chexpert/valid",
+                                                "chexpert/test")
+  assert data.sources["test"] == "CheXpert-v1.0-small/test_labels.csv"
+  assert data.eval is data.valid  # The old name, until callers move over.
+
+
+TEST_LABELS = TEST[0][TEST[0].index(","):]
+
+
+@pytest.mark.parametrize("name,row,message", [
+    ("test_labels.csv", "test/patient64541/study2/view1_frontal.jpg"
+     + TEST_LABELS,
+     "patient patient64541 is in both the valid split 'valid' and the test "
+     "split 'test'"),
+    ("test_labels.csv", "test/patient00002/study9/view1_frontal.jpg"
+     + TEST_LABELS,
+     "patient patient00002 is in both the train split 'train' and the test "
+     "split 'test'"),
+    ("valid.csv",
+     "CheXpert-v1.0-small/valid/patient00001/study7/view1_frontal.jpg"
+     + VALID[0][VALID[0].index(","):],
+     "patient patient00001 is in both the train split 'train' and the valid "
+     "split 'valid'"),
+], ids=["valid-test", "train-test", "train-valid"])
+def test_resolve_refuses_a_patient_in_two_splits(root, name, row, message):
+  base = os.path.join(root, "CheXpert-v1.0-small")
+  rows = {"valid.csv": list(VALID), "test_labels.csv": list(TEST)}
+  rows[name].append(row)
+  _write(os.path.join(base, "valid.csv"), HEADER, rows["valid.csv"])
+  _write(os.path.join(base, "test_labels.csv"), TEST_HEADER,
+         rows["test_labels.csv"])
+  with pytest.raises(UserError, match="^chexpert: " + message + "$"):
+    resolve.resolve(data_config("chexpert", root))
+
+
+def test_resolve_refuses_extra_test_sets_sharing_patients(root):
+  _write(os.path.join(root, "CheXpert-v1.0-small", "test_labels.csv"),
+         TEST_HEADER, TEST)
+  config = data_config("chexpert", root, test_split="valid")
+  with pytest.raises(UserError, match="patient patient64541 is in both the "
+                     "valid split 'valid' and the test split 'valid'"):
+    resolve.resolve(config)
+  # The same folder, even named by the data set folder itself.
+  folder = os.path.join(root, "CheXpert-v1.0-small")
+  for item, message in (
+      (("chexpert", root, "valid"), "patient patient64541 is in both the "
+       "valid split 'valid' and the extra test set chexpert/valid"),
+      (("chexpert", folder, "all"), "patient patient00001 is in both the "
+       "train split 'train' and the extra test set chexpert/all")):
+    config = data_config("chexpert", root, test_datasets=(item,))
+    with pytest.raises(UserError, match=message):
+      resolve.resolve(config)
+
+
+def _many_patients(root, num_patients=20, valid=True):
+  """train.csv of `num_patients` patients (odd ones with a second, lateral
+  study too); valid.csv as VALID unless `valid` is False. No test labels."""
+  tail = TRAIN[0][TRAIN[0].index(",Female"):]
+  rows = []
+  for p in range(1, num_patients + 1):
+    rows.append(f"CheXpert-v1.0-small/train/patient{p:05d}/study1/"
+                f"view1_frontal.jpg{tail}")
+    if p % 2:
+      rows.append(f"CheXpert-v1.0-small/train/patient{p:05d}/study2/"
+                  f"view1_frontal.jpg{tail}")
+      rows.append(f"CheXpert-v1.0-small/train/patient{p:05d}/study2/"
+                  f"view2_lateral.jpg{tail.replace('Frontal', 'Lateral')}")
+  base = os.path.join(root, "CheXpert-v1.0-small")
+  _write(os.path.join(base, "train.csv"), HEADER, rows)
+  if valid:
+    _write(os.path.join(base, "valid.csv"), HEADER, VALID)
+  frontal = [r.split(",")[0] for r in rows if ",Frontal," in r]
+  return str(root), frontal
+
+
+def test_resolve_without_test_labels_carves_test_from_train(tmp_path):
+  root, frontal = _many_patients(tmp_path)
+  patient = lambda path: path.split("/")[2]
+  everyone = {patient(p) for p in frontal}
+  data = resolve.resolve(data_config("chexpert", root))
+  want = first_by_hash(everyone, resolve.TEST_FRACTION)
+  assert len(want) == 2  # 10% of 20 patients
+  # Every frontal image of the chosen patients, in file order.
+  assert data.test.index.paths == tuple(p for p in frontal
+                                        if patient(p) in want)
+  assert data.train.index.paths == tuple(p for p in frontal
+                                         if patient(p) not in want)
+  assert data.valid.index.patients == ("patient64541", "patient64542")
+  assert data.test.index.split == "test" and data.test.name == "chexpert/test"
+  assert "carved" in data.sources["test"] and "0.1 of" in data.sources["test"]
+  # The same patients for another run seed: the held-out part is fixed.
+  again = resolve.resolve(data_config("chexpert", root))
+  other_seed = data_config("chexpert", root)
+  other_seed.seed = 7
+  for d in (again, resolve.resolve(other_seed)):
+    assert d.test.index.paths == data.test.index.paths
+  # Training fractions come from the remaining training patients only.
+  half = data_config("chexpert", root, train_fraction=0.5)
+  half_train = set(resolve.resolve(half).train.index.patients)
+  assert len(half_train) == 9 and half_train < everyone - want
+
+
+def test_resolve_without_valid_or_test_carves_both(tmp_path):
+  root, frontal = _many_patients(tmp_path, num_patients=40, valid=False)
+  everyone = {p.split("/")[2] for p in frontal}
+  data = resolve.resolve(data_config("chexpert", root))
+  test = set(data.test.index.patients)
+  valid = set(data.valid.index.patients)
+  train = set(data.train.index.patients)
+  # Test first: 10% of all training patients; then valid: 10% of the rest.
+  assert test == first_by_hash(everyone, resolve.TEST_FRACTION)
+  assert valid == first_by_hash(everyone - test, resolve.VALID_FRACTION)
+  assert (len(test), len(valid), len(train)) == (4, 4, 32)
+  assert train | valid | test == everyone
+  assert not (train & valid or train & test or valid & test)
+  assert sorted(data.train.index.paths + data.valid.index.paths
+                + data.test.index.paths) == sorted(frontal)
+  assert data.valid.index.split == "valid"
+  assert "carved" in data.sources["valid"]

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from medbridge_jax.data import mimic
+from medbridge_jax.data import resolve
 from medbridge_jax.errors import UserError
 from tests import text_files
+from tests.test_data_splits import data_config
 
 SPLIT_HEADER = "dicom_id,study_id,subject_id,split"
 META_HEADER = (
@@ -187,3 +189,47 @@ def test_100k_rows(tmp_path):
   expect = code[(studies[want][:, None] + np.arange(14)[None]) % 4]
   np.testing.assert_array_equal(idx.labels, expect)
   assert idx.patients == tuple(subjects[want].astype(str).tolist())
+
+
+# -- As a run resolves it: train / valid / test, patient-disjoint. ----------
+
+
+def _disjoint_fixture(root, label_s50000004=False):
+  """DICOMS with the validate study moved to a patient of its own (the
+  official split is patient-disjoint; the plain fixture is not)."""
+  dicoms = [(d, st, 10000099 if st == 50000002 else su, sp, v)
+            for d, st, su, sp, v in DICOMS]
+  rows = dict(LABEL_ROWS)
+  rows[50000002] = (10000099, LABEL_ROWS[50000002][1])
+  if label_s50000004:  # A labelled training study of the test patient.
+    rows[50000004] = (11000045, LABEL_ROWS[50000002][1])
+  _fixture(root, dicoms=dicoms, label_rows=rows)
+  return str(root)
+
+
+def test_resolve_reads_the_official_test_split(tmp_path):
+  data = resolve.resolve(data_config("mimic", _disjoint_fixture(tmp_path)))
+  # The PA image of s53000003; its blank-view image is left out.
+  assert data.test.index.paths == (
+      "files/p11/p11000045/s53000003/"
+      "68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714.jpg",)
+  assert data.test.index.patients == ("11000045",)
+  assert data.valid.index.patients == ("10000099",)
+  assert data.train.index.patients == ("10000032",)
+  assert data.sources["test"] == ("mimic-cxr-2.0.0-split.csv rows of split "
+                                  "'test'")
+
+
+@pytest.mark.parametrize("make,message", [
+    # The plain fixture: s50000001 (train) and s50000002 (validate) are both
+    # subject 10000032's.
+    (lambda root: _fixture(root) or str(root),
+     "patient 10000032 is in both the train split 'train' and the valid "
+     "split 'valid'"),
+    (lambda root: _disjoint_fixture(root, label_s50000004=True),
+     "patient 11000045 is in both the train split 'train' and the test split "
+     "'test'"),
+], ids=["train-valid", "train-test"])
+def test_resolve_refuses_a_patient_in_two_splits(tmp_path, make, message):
+  with pytest.raises(UserError, match="^mimic: " + message + "$"):
+    resolve.resolve(data_config("mimic", make(tmp_path)))

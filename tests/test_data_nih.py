@@ -7,9 +7,12 @@ import pytest
 
 from medbridge_jax.data import nih
 from medbridge_jax.data import registry
+from medbridge_jax.data import resolve
 from medbridge_jax.data import splits
 from medbridge_jax.errors import UserError
 from tests import text_files
+from tests.test_data_splits import data_config
+from tests.test_data_splits import first_by_hash
 
 # The original file: header and lines end in a comma, and the bracketed
 # column names contain unquoted commas.
@@ -133,3 +136,43 @@ def test_missing_files_and_columns(root, tmp_path_factory):
 
 def test_registry(root):
   assert len(registry.read_index("nih", root, "test")) == 1
+
+
+# -- As a run resolves it: train / valid / test, patient-disjoint. ----------
+
+
+def test_resolve_reads_test_list(root):
+  data = resolve.resolve(data_config("nih", root))
+  assert data.test.index.paths == ("images_002/images/00000004_000.png",)
+  assert data.test.index.patients == ("4",)
+  assert data.sources["test"] == "test_list.txt"
+  # valid: the reader's own 10% of the train_val patients (one of five).
+  assert len(set(data.valid.index.patients)) == 1
+  assert sorted(data.train.index.patients + data.valid.index.patients) == [
+      "1", "1", "1", "2", "3", "5", "6"]
+  assert "train_val_list.txt" in data.sources["valid"]
+
+
+def test_resolve_refuses_a_test_image_of_a_training_patient(root):
+  # Patient 1's third image moves to the test list.
+  _write(os.path.join(root, "train_val_list.txt"),
+         [n for n in TRAIN_VAL if n != "00000001_002.png"])
+  _write(os.path.join(root, "test_list.txt"), TEST + ["00000001_002.png"])
+  role = "valid" if nih.read(root, "valid").patients[0] == "1" else "train"
+  with pytest.raises(UserError, match=f"^nih: patient 1 is in both the "
+                     f"{role} split '{role}' and the test split 'test'$"):
+    resolve.resolve(data_config("nih", root))
+
+
+def test_resolve_without_test_list_carves_test_from_train(root):
+  os.remove(os.path.join(root, "test_list.txt"))
+  data = resolve.resolve(data_config("nih", root))
+  train = nih.read(root, "train")  # The reader's train: less its valid.
+  want = first_by_hash(train.patients, resolve.TEST_FRACTION)
+  assert set(data.test.index.patients) == want
+  assert data.test.index.paths == tuple(
+      p for p, q in zip(train.paths, train.patients) if q in want)
+  assert set(data.train.index.patients) == set(train.patients) - want
+  splits.check_disjoint(data.train.index, data.valid.index, data.test.index)
+  assert data.valid.index.paths == nih.read(root, "valid").paths
+  assert "carved" in data.sources["test"]

@@ -5,10 +5,13 @@ import os
 import numpy as np
 import pytest
 
+from medbridge_jax.data import resolve
 from medbridge_jax.data import rsna
 from medbridge_jax.data import splits
 from medbridge_jax.errors import UserError
 from tests import text_files
+from tests.test_data_splits import data_config
+from tests.test_data_splits import first_by_hash
 
 HEADER = "patientId,x,y,width,height,Target"
 CLASS_HEADER = "patientId,class"
@@ -132,3 +135,52 @@ def test_derived_patient_level_splits(tmp_path):
   assert sorted(other.patients) != sorted(parts["test"].patients)
   with pytest.raises(UserError, match="valid_fraction 0.5 and test_fraction"):
     rsna.read(root, "train", valid_fraction=0.5, test_fraction=0.5)
+
+
+# -- As a run resolves it: train / valid / test, patient-disjoint. ----------
+
+
+def test_resolve_holds_out_a_test_split_of_the_labelled_patients(tmp_path):
+  # No test labels were published: test, then valid, are held out by patient.
+  root = _many(tmp_path)
+  everyone = set(rsna.read(root, "all").patients)
+  data = resolve.resolve(data_config("rsna", root))
+  test = set(data.test.index.patients)
+  valid = set(data.valid.index.patients)
+  train = set(data.train.index.patients)
+  assert test == first_by_hash(everyone, rsna.TEST_FRACTION)
+  assert valid == first_by_hash(everyone - test, rsna.VALID_FRACTION
+                                / (1 - rsna.TEST_FRACTION))
+  assert (len(train), len(valid), len(test)) == (160, 20, 20)
+  assert train | valid | test == everyone
+  assert not (train & valid or train & test or valid & test)
+  assert "stage_2_train_labels.csv" in data.sources["test"]
+  shuffled = tmp_path / "shuffled"
+  shuffled.mkdir()
+  again = resolve.resolve(data_config(
+      "rsna", _many(shuffled, order=np.random.default_rng(0).permutation(200))))
+  assert set(again.test.index.patients) == test
+
+
+def test_resolve_refuses_an_extra_test_set_of_training_patients(tmp_path):
+  root = _many(tmp_path, n=40)
+  train_val = rsna.read(root, "train_val")
+  role = ("valid" if train_val.patients[0] in rsna.read(root, "valid").patients
+          else "train")
+  config = data_config("rsna", root,
+                       test_datasets=(("rsna", root, "train_val"),))
+  with pytest.raises(UserError, match=f"^rsna: patient "
+                     f"{train_val.patients[0]} is in both the {role} split "
+                     f"'{role}' and the extra test set rsna/train_val$"):
+    resolve.resolve(config)
+  # The test split itself as an extra test set is refused too (it would be
+  # reported twice under one name); a set from another folder is not checked.
+  config.data.test_datasets = (("rsna", root, "test"),)
+  with pytest.raises(UserError, match="the test split 'test' and the extra "
+                     "test set rsna/test"):
+    resolve.resolve(config)
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  config.data.test_datasets = (("rsna", _many(copy, n=40), "all"),)
+  (extra,) = resolve.resolve(config).extra_tests
+  assert len(extra.index) == 40

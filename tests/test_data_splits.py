@@ -1,11 +1,35 @@
-"""Patient-level splits and training fractions."""
+"""Patient-level splits and training fractions, and helpers the data-reader
+tests use to resolve their fixtures as a run would."""
+
+import hashlib
 
 import numpy as np
 import pytest
 
+from medbridge_jax import default_config
 from medbridge_jax.data import index as index_lib
 from medbridge_jax.data import splits
 from medbridge_jax.errors import UserError
+
+
+def data_config(dataset, root, **data):
+  """The default config on a data set folder, with `config.data` overrides."""
+  c = default_config.get_default()
+  c.data.dataset, c.data.root = dataset, str(root)
+  for key, value in data.items():
+    c.data[key] = value
+  return c
+
+
+def first_by_hash(patients, share, seed=0):
+  """The round(share * n) (at least one) distinct patients first in the
+  order of blake2b("holdout", seed, patient): an independent statement of
+  how a held-out split is drawn."""
+  distinct = sorted(set(patients))
+  key = lambda p: hashlib.blake2b(f"holdout\0{seed}\0{p}".encode(),
+                                  digest_size=8).digest()
+  k = max(1, int(round(share * len(distinct))))
+  return set(sorted(distinct, key=key)[:k])
 
 
 def _index(num_patients=200, seed=0):
@@ -65,10 +89,35 @@ def test_fractions_by_patient_nested_and_deterministic():
     splits.fraction(idx, 0.0, seed=0)
 
 
-def test_check_disjoint_names_the_patient():
-  idx = _index(num_patients=5)
-  a = idx.select([0], split="train")
-  b = idx.select([0], split="valid")
-  with pytest.raises(UserError, match="pt0 is in both the 'train' and the "
-                     "'valid'"):
-    splits.check_disjoint(a, b)
+def test_check_disjoint_names_data_set_both_splits_and_first_patient():
+  idx = _index(num_patients=6)
+  rows = {p: [i for i, q in enumerate(idx.patients) if q == p]
+          for p in set(idx.patients)}
+  a = idx.select(rows["pt0"] + rows["pt1"] + rows["pt4"], split="train")
+  b = idx.select(rows["pt2"], split="valid")
+  # Shares pt0, pt1 and pt4 with a; pt1 comes first in its rows (neither
+  # first nor last by name): pt1 is named.
+  c = idx.select(rows["pt3"] + rows["pt1"] + rows["pt4"] + rows["pt0"],
+                 split="test")
+  splits.check_disjoint(a, b)
+  splits.check_disjoint(b, c)
+  with pytest.raises(UserError, match=r"^toy: patient pt1 is in both the "
+                     r"'train' split and the 'test' split$"):
+    splits.check_disjoint(a, b, c)
+  with pytest.raises(UserError, match=r"^toy: patient pt1 is in both A and "
+                     r"C$"):
+    splits.check_disjoint(a, b, c, names=("A", "B", "C"))
+  # Same split names, told apart by `names`.
+  with pytest.raises(UserError, match="both the valid split 'valid' and the "
+                     "test split 'valid'"):
+    splits.check_disjoint(
+        b, b, names=("the valid split 'valid'", "the test split 'valid'"))
+  with pytest.raises(ValueError, match="2 names for 3"):
+    splits.check_disjoint(a, b, c, names=("A", "B"))
+
+
+def test_first_by_hash_matches_holdout():
+  # The tests' reference and splits.holdout draw the same patients.
+  idx = _index(num_patients=50)
+  held = splits.holdout(idx, 0.1, seed=0)[1]
+  assert set(held.patients) == first_by_hash(idx.patients, 0.1)

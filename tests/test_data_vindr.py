@@ -6,10 +6,13 @@ import os
 import numpy as np
 import pytest
 
+from medbridge_jax.data import resolve
 from medbridge_jax.data import splits
 from medbridge_jax.data import vindr
 from medbridge_jax.errors import UserError
 from tests import text_files
+from tests.test_data_splits import data_config
+from tests.test_data_splits import first_by_hash
 
 HEADER = ("image_id,rad_id,Aortic enlargement,Atelectasis,Calcification,"
           "Cardiomegaly,Clavicle fracture,Consolidation,Edema,Emphysema,"
@@ -187,3 +190,51 @@ def test_train_valid_hold_out_by_image(tmp_path):
     want = [float(int(p, 16) % 2) for p in part.patients]
     np.testing.assert_array_equal(part.labels[:, CARDIO], want)
   assert vindr.read(root, "valid", split_seed=1).patients != valid.patients
+
+
+# -- As a run resolves it: train / valid / test, patient-disjoint. ----------
+
+
+def test_resolve_reads_the_physionet_test_set(physionet):
+  data = resolve.resolve(data_config("vindr", physionet))
+  assert data.test.index.paths == (f"test/{C}.dicom",)
+  assert data.test.index.patients == (C,)
+  assert sorted(data.train.index.patients + data.valid.index.patients) == [
+      A, B]
+  assert data.sources["test"] == "annotations/image_labels_test.csv"
+
+
+def test_resolve_refuses_a_test_image_also_in_training(physionet):
+  _write(physionet, "annotations/image_labels_test.csv",
+         TEST + [_row(A, None, [CARDIO])])
+  role = "valid" if vindr.read(physionet, "valid").patients == (A,) else (
+      "train")
+  with pytest.raises(UserError, match=f"^vindr: patient {A} is in both the "
+                     f"{role} split '{role}' and the test split 'test'$"):
+    resolve.resolve(data_config("vindr", physionet))
+
+
+def test_resolve_kaggle_carves_test_from_the_training_images(tmp_path):
+  ids = [f"{k:032x}" for k in range(40)]
+  _write(tmp_path, "train.csv",
+         [KAGGLE_HEADER] + [f"{i},No finding,14,R{r},,,," for i in ids
+                            for r in (1, 2, 3)])
+  root = str(tmp_path)
+  data = resolve.resolve(data_config("vindr", root))
+  train = vindr.read(root, "train")  # The reader's: less its valid images.
+  want = first_by_hash(train.patients, resolve.TEST_FRACTION)
+  assert len(want) == 4  # 10% of 36
+  assert data.test.index.paths == tuple(f"train/{i}.dicom" for i in ids
+                                        if i in want)
+  assert sorted(data.train.index.patients) == sorted(set(train.patients)
+                                                     - want)
+  assert data.valid.index.paths == vindr.read(root, "valid").paths
+  splits.check_disjoint(data.train.index, data.valid.index, data.test.index)
+  assert "carved" in data.sources["test"]
+  again = resolve.resolve(data_config("vindr", root))
+  assert again.test.index.paths == data.test.index.paths
+  # Two images: one for valid, one for train, none left for a test split.
+  _write(tmp_path, "train.csv", KAGGLE)
+  with pytest.raises(UserError, match="^data set vindr: the test split "
+                     "'test' has no images"):
+    resolve.resolve(data_config("vindr", root))

@@ -1,22 +1,48 @@
 """The data of a run: which folders, which splits, which labels.
 
-`resolve(config)` turns `config.data` into the split indexes of a run (label
-policies applied, labels harmonised to the training labels); `train_feed`
-gives this host's endless, shuffled, resumable training batches.
+`resolve(config)` turns `config.data` into the splits of a run, label
+policies applied and labels harmonised to the training labels:
+
+  train        what the model learns from (`train_fraction` of its patients);
+  valid        evaluated periodically; picks the best checkpoint and the
+               decision thresholds;
+  test         held out: every reported number comes from it;
+  extra_tests  `config.data.test_datasets`, e.g. other domains.
+
+Where a folder has no labelled split for valid or test (its reader's
+`sources` says None: CheXpert without test_labels.csv, Kaggle's VinBigData),
+that split is carved out of the training patients here; readers that derive
+their own (NIH and VinDr valid, all of RSNA) are read as they are. Before
+anything uses them, train, valid and test, and with them each extra test set
+of the same data set and folder, are checked to share no patient.
+`train_feed` gives this host's endless, shuffled, resumable training
+batches.
 """
 
 import dataclasses
 import os
 
+from absl import logging
 import ml_collections
 
 from medbridge_jax import errors
 from medbridge_jax import evaluate
 from medbridge_jax import experts_setup
 from medbridge_jax import sharding
+from medbridge_jax.data import index as index_lib
 from medbridge_jax.data import pipeline
 from medbridge_jax.data import registry
 from medbridge_jax.data import splits
+
+# Share of the training patients carved out for a split the folder lacks:
+# test first, then valid from the patients left (patient-level, by
+# `splits.holdout`).
+TEST_FRACTION = 0.1
+VALID_FRACTION = 0.1
+# Seed of those carves. Fixed rather than config.seed, so that every run on a
+# folder, whatever its seed, is tested on the same patients.
+HOLDOUT_SEED = 0
+ROLES = ("train", "valid", "test")
 
 
 @dataclasses.dataclass
@@ -24,8 +50,20 @@ class Data:
   """The resolved data of a run."""
   label_names: tuple[str, ...]
   train: evaluate.EvalSet  # The training split (targets after policies).
-  eval: evaluate.EvalSet  # The split evaluated periodically and at the end.
-  tests: list[evaluate.EvalSet]  # config.data.test_datasets.
+  valid: evaluate.EvalSet  # Periodic evaluation, best checkpoint, thresholds.
+  test: evaluate.EvalSet  # Held out: the split every number is reported on.
+  extra_tests: list[evaluate.EvalSet]  # config.data.test_datasets.
+  sources: dict[str, str]  # train | valid | test -> where its rows came from.
+
+  @property
+  def eval(self) -> evaluate.EvalSet:
+    """Old name of `valid`, kept while callers move over."""
+    return self.valid
+
+  @property
+  def tests(self) -> list[evaluate.EvalSet]:
+    """Old name of `extra_tests`, kept while callers move over."""
+    return self.extra_tests
 
 
 def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
@@ -65,34 +103,89 @@ def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
 
 
 def resolve(config: ml_collections.ConfigDict) -> Data:
-  """Reads the split indexes and applies the label policies."""
+  """Reads the splits, checks them patient-disjoint, applies the policies."""
   d = config.data
   dataset, root = _root(d.dataset, d.root, config)
-  train_index = registry.read_index(dataset, root, d.train_split)
-  # Nested patient subsets: the 1% patients are among the 10%.
-  train_index = splits.fraction(train_index, float(d.train_fraction),
-                                int(config.seed))
+  indexes, where = _splits(dataset, root, d)
+  for role in ROLES:
+    idx = indexes[role]
+    logging.info("Data %s: %s split %r, %d images of %d patients, from %s.",
+                 role, d.dataset, idx.split, len(idx), len(set(idx.patients)),
+                 where[role])
+  names = [f"the {role} split {indexes[role].split!r}" for role in ROLES]
+  splits.check_disjoint(*(indexes[r] for r in ROLES), names=names)
+  train_index = indexes["train"]
   label_names = tuple(d.labels) or tuple(train_index.label_names)
-  eval_index = registry.read_index(dataset, root, d.eval_split)
-  tests = []
+  extra_tests = []
   for item in d.test_datasets:
     if isinstance(item, str) or len(item) != 3:
       raise errors.UserError(
           f"config.data.test_datasets entry {item!r} is not (dataset, root, "
           f"split)")
     test_name, test_root, split = item
-    index = registry.read_index(
-        *_root(test_name, test_root, config, "config.data.test_datasets"),
-        split)
-    tests.append(evaluate.make_eval_set(f"{test_name}/{split}", index,
-                                        label_names, d))
+    test_dataset, test_folder = _root(test_name, test_root, config,
+                                      "config.data.test_datasets")
+    index = registry.read_index(test_dataset, test_folder, split)
+    if _same_folder((test_dataset, index), (dataset, train_index)):
+      # Checked on its own: extra test sets may overlap one another.
+      splits.check_disjoint(
+          *(indexes[r] for r in ROLES), index,
+          names=names + [f"the extra test set {test_name}/{split}"])
+    extra_tests.append(evaluate.make_eval_set(f"{test_name}/{split}", index,
+                                              label_names, d))
+  # After the check, and from the training patients only. Nested patient
+  # subsets: the 1% patients are among the 10%.
+  train_index = splits.fraction(train_index, float(d.train_fraction),
+                                int(config.seed))
   return Data(
       label_names=label_names,
       train=evaluate.make_eval_set(f"{d.dataset}/{d.train_split}",
                                    train_index, label_names, d),
-      eval=evaluate.make_eval_set(f"{d.dataset}/{d.eval_split}", eval_index,
-                                  label_names, d),
-      tests=tests)
+      valid=evaluate.make_eval_set(f"{d.dataset}/{d.valid_split}",
+                                   indexes["valid"], label_names, d),
+      test=evaluate.make_eval_set(f"{d.dataset}/{d.test_split}",
+                                  indexes["test"], label_names, d),
+      extra_tests=extra_tests, sources=where)
+
+
+def _splits(dataset: str, root: str, d: ml_collections.ConfigDict
+            ) -> tuple[dict[str, index_lib.Index], dict[str, str]]:
+  """({role: index}, {role: where its rows came from}) of train/valid/test.
+
+  A valid or test split the folder lacks is carved out of the training
+  patients (test first); any other split is read, so that a split name the
+  reader does not know is the reader's error.
+  """
+  offered = registry.sources(dataset, root) or {}
+  train = registry.read_index(dataset, root, d.train_split)
+  where = {"train": offered.get(d.train_split) or f"split {d.train_split!r}"}
+  indexes = {}
+  for role, split, share in (("test", d.test_split, TEST_FRACTION),
+                             ("valid", d.valid_split, VALID_FRACTION)):
+    if split in offered and offered[split] is None:
+      train, indexes[role] = splits.holdout(train, share, HOLDOUT_SEED,
+                                            (train.split, split))
+      where[role] = (f"{share:g} of the patients of {where['train']} (carved "
+                     f"here, seed {HOLDOUT_SEED}: {root} has no {split!r} "
+                     "split)")
+      where["train"] += f" less the {role} patients"
+    else:
+      indexes[role] = registry.read_index(dataset, root, split)
+      where[role] = offered.get(split) or f"split {split!r}"
+  indexes["train"] = train
+  for role in ROLES:
+    if not len(indexes[role]):
+      raise errors.UserError(
+          f"data set {d.dataset}: the {role} split {indexes[role].split!r} "
+          f"has no images (from {where[role]})")
+  return indexes, where
+
+
+def _same_folder(a: tuple[str, index_lib.Index],
+                 b: tuple[str, index_lib.Index]) -> bool:
+  """Whether two (registry name, index) come from one data set folder."""
+  return a[0] == b[0] and (os.path.realpath(a[1].root)
+                           == os.path.realpath(b[1].root))
 
 
 def train_feed(data: Data, config: ml_collections.ConfigDict):

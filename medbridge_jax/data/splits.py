@@ -9,6 +9,7 @@ are nested: the 1% patients are among the 10%, which are among the 100%.
 """
 
 import hashlib
+from typing import Sequence
 
 import numpy as np
 
@@ -65,12 +66,27 @@ def fraction(index: index_lib.Index, share: float,
   return index.select(_rows_of(index, set(order[:k])))
 
 
-def check_disjoint(*indexes: index_lib.Index) -> None:
-  """UserError naming a patient found in two of the indexes."""
+def check_disjoint(*indexes: index_lib.Index,
+                   names: Sequence[str] | None = None) -> None:
+  """UserError naming the data set, two splits and a patient they share.
+
+  Args:
+    *indexes: splits of one data set.
+    names: what the message calls each index (default "the 'SPLIT' split"),
+      for splits whose names alone do not tell them apart.
+
+  The patient named is the first shared one in the later index's row order,
+  so the message is the same on every run.
+  """
+  if names is None:
+    names = [f"the {idx.split!r} split" for idx in indexes]
+  if len(names) != len(indexes):
+    raise ValueError(f"{len(names)} names for {len(indexes)} indexes")
   seen = {}
-  for idx in indexes:
-    for p in set(idx.patients):
+  for name, idx in zip(names, indexes):
+    own = dict.fromkeys(idx.patients)  # Distinct, in row order.
+    for p in own:
       if p in seen:
-        raise UserError(f"patient {p} is in both the {seen[p]!r} and the "
-                        f"{idx.split!r} split of {idx.dataset}")
-      seen[p] = idx.split
+        raise UserError(f"{idx.dataset}: patient {p} is in both {seen[p]} "
+                        f"and {name}")
+    seen.update(dict.fromkeys(own, name))
