@@ -2,9 +2,10 @@
 
 The argument picks the percentage: --config=configs/data_efficient.py:10.
 Patients are sampled deterministically by seed, and the subsets are nested
-(the 1% patients are among the 10%). Add `,runlocal` for a smoke run:
---config=configs/data_efficient.py:1,runlocal. Evaluation always uses the
-whole evaluation split.
+(the 1% patients are among the 10%), and only from the training patients:
+the validation split (model selection) and the held-out test split (the
+reported numbers) are whole in every variant. Add `,runlocal` for a smoke
+run: --config=configs/data_efficient.py:1,runlocal.
 
 Real data: as in_domain.py, e.g. --config.data.dataset=chexpert
 --config.data.root=/data/chexpert --config.experts="('/ckpt/clip',)".
