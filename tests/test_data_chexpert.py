@@ -316,3 +316,25 @@ def test_resolve_without_valid_or_test_carves_both(tmp_path):
                 + data.test.index.paths) == sorted(frontal)
   assert data.valid.index.split == "valid"
   assert "carved" in data.sources["valid"]
+
+
+def test_resolve_carves_only_where_a_reader_says_a_split_is_missing(root):
+  read = lambda root, split: chexpert.read(root, split)
+  try:
+    # Without `sources`, every split is read: the missing test labels are
+    # the reader's error, not silently carved.
+    registry.register("mine", read)
+    with pytest.raises(UserError, match=r"no test_labels.csv\[.gz\]"):
+      resolve.resolve(data_config("mine", root))
+    registry.register("mine", read, sources=chexpert.sources)
+    data = resolve.resolve(data_config("mine", root))
+    want = first_by_hash(("patient00001", "patient00002"), 0.1)
+    assert set(data.test.index.patients) == want
+    assert set(data.train.index.patients) == {"patient00001",
+                                              "patient00002"} - want
+    # A split name the reader does not know is never carved.
+    with pytest.raises(UserError, match="'tset' is not one of"):
+      resolve.resolve(data_config("mine", root, test_split="tset"))
+  finally:
+    registry._READERS.pop("mine")  # pylint: disable=protected-access
+    registry._SOURCES.pop("mine", None)  # pylint: disable=protected-access
