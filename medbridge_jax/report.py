@@ -291,10 +291,12 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
         w.writerow([set_name, method, "MEAN", f"{s.mean_auroc:.6f}",
                     f"{s.mean_auroc_ci[0]:.6f}", f"{s.mean_auroc_ci[1]:.6f}",
                     f"{s.mean_auprc:.6f}", f"{s.mean_ece:.6f}", "", ""])
-  with open(os.path.join(report_dir, "report.md"), "w") as f:
+  # Δ and ≥ in the tables: UTF-8 whatever the locale.
+  with open(os.path.join(report_dir, "report.md"), "w",
+            encoding="utf-8") as f:
     f.write(_markdown(sets, header, images, main, diffs))
   top = os.path.join(workdir, "report.md")
-  with open(top, "w") as f:
+  with open(top, "w", encoding="utf-8") as f:
     f.write(_markdown(sets, header,
                       {k: f"report/{v}" for k, v in images.items()}, main,
                       diffs))
