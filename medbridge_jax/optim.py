@@ -5,6 +5,18 @@ experts have no optimizer state. Gradient accumulation is not an optimizer
 wrapper here; the train step scans over micro-batches and applies this
 optimizer once per step, so `config.train.steps` counts optimizer updates and
 the schedule needs no rescaling.
+
+Weight decay is decoupled (AdamW) and pulls a parameter toward zero, so it
+only touches parameters for which zero is a sensible place to be pulled:
+the feature-mixing matrices that start random or at zero (fusion attention
+and MLP kernels: toward the identity fusion they start as; gate kernels:
+toward equal gates). It leaves alone what carries meaning in its value:
+query tokens (decayed, the Q queries would shrink toward one and the same
+token), view-type embeddings, biases and norm scales, the heads (a
+text-initialised head is the zero-shot classifier; decay would pull it away)
+and the towers should a partition rule ever train them (pre-trained). The
+rule is by parameter path, like the partition rules: a trainable parameter
+no rule covers is an error.
 """
 
 import jax
@@ -12,6 +24,7 @@ import ml_collections
 import optax
 
 from medbridge_jax import errors
+from medbridge_jax.model import partition
 
 
 def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -27,17 +40,35 @@ def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=train.steps, end_value=0.0)
 
 
-def _decay_mask(params):
-  # Decay weight matrices and embeddings only: biases, norm scales and the
-  # scalar temperature would be pulled to zero for no regularising gain.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+DECAY_ACTIONS = ("decay", "keep")
+# (regex on the parameter path, "decay" | "keep"); the first match decides.
+DECAY_RULES = (
+    (r"^expert_\d+/tower/", "keep"),
+    (r"/(bias|scale)$", "keep"),
+    (r"^expert_\d+/fusion/block_\d+/(attn/(query|key|value|out)|fc1|fc2)"
+     r"/kernel$", "decay"),
+    (r"^gate/(hidden|logits)/kernel$", "decay"),
+    (r"^expert_\d+/encoder/queries$", "keep"),
+    (r"^expert_\d+/fusion/view_type$", "keep"),
+    (r"^expert_\d+/head/kernel$", "keep"),
+)
 
 
-def make(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optimizer of `config.train`: clip -> AdamW(schedule)."""
+def decay_mask(params, rules: partition.Rules = DECAY_RULES):
+  """A tree like `params` of bools: True where weight decay applies."""
+  actions = partition.match(params, rules, DECAY_ACTIONS, "weight-decay")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: actions[partition.path_string(path)] == "decay", params)
+
+
+def make(train: ml_collections.ConfigDict,
+         decay_rules: partition.Rules = DECAY_RULES
+         ) -> optax.GradientTransformation:
+  """The optimizer of `config.train`: clip -> AdamW(schedule), decaying the
+  parameters `decay_rules` say "decay" to."""
   parts = []
   if train.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train.grad_clip))
   parts.append(optax.adamw(schedule(train), weight_decay=train.weight_decay,
-                           mask=_decay_mask))
+                           mask=lambda p: decay_mask(p, decay_rules)))
   return optax.chain(*parts)

@@ -18,18 +18,26 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   `state` (step, trainable params, optimizer state) is donated; `frozen`
   (the experts' towers) is an ordinary argument that gets no gradient.
-  With grad_accum > 1 the batch is cut into micro-batches whose gradients are
-  averaged in a scan before one optimizer update.
+  With grad_accum > 1 the batch is cut into micro-batches whose gradients
+  are summed in a scan before one optimizer update. Each micro-batch's label
+  loss is its masked sum over the whole batch's count of known entries, so
+  the sum is the full batch's masked mean (value and gradient) however
+  unevenly the known labels fall; the balance loss is the mean of the
+  micro-batches' own (`losses.total`). Random focal crops are drawn per
+  micro-batch (key fold_in(step key, i)): as likely as the full batch's, not
+  the same ones.
   """
   accum = int(config.train.grad_accum)
   step_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  def loss_fn(trainable, frozen, images, targets, mask, key, class_weights):
+  def loss_fn(trainable, frozen, images, targets, mask, key, class_weights,
+              known, share):
     params = partition.merge(trainable, frozen)
     logits, aux = model.apply({"params": params}, images, train=True,
                               rngs={"focal": key})
-    return losses.total(logits, aux, targets, mask, config, class_weights)
+    return losses.total(logits, aux, targets, mask, config, class_weights,
+                        known=known, share=share)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -37,9 +45,11 @@ def make_train_step(model, tx: optax.GradientTransformation,
     key = jax.random.fold_in(step_key, state["step"])
     images = batch["image"].astype(jnp.float32) / 255.0
     args = (images, batch["targets"], batch["mask"])
+    # The full batch's denominator, known before any micro-batch runs.
+    known = losses.known_count(batch["mask"])
     if accum == 1:
       (_, parts), grads = grad_fn(state["params"], frozen, *args, key,
-                                  class_weights)
+                                  class_weights, known, 1.0)
     else:
       # Micro-batch i takes rows i, i + accum, ...: every device keeps an
       # equal share of every micro-batch, so no rows move between devices.
@@ -52,18 +62,19 @@ def make_train_step(model, tx: optax.GradientTransformation,
         micro = [jax.lax.with_sharding_constraint(m, batch_sharding)
                  for m in micro]
         (_, p), g = grad_fn(state["params"], frozen, *micro,
-                            jax.random.fold_in(key, i), class_weights)
+                            jax.random.fold_in(key, i), class_weights,
+                            known, 1.0 / accum)
         return jax.tree.map(jnp.add, carry, (g, p)), None
 
       shapes = jax.eval_shape(
           grad_fn, state["params"], frozen,
           *[jax.ShapeDtypeStruct((a.shape[0] // accum,) + a.shape[1:], a.dtype)
-            for a in args], key, class_weights)
+            for a in args], key, class_weights, known, 1.0 / accum)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            (shapes[1], shapes[0][1]))
+      # Every part is already scaled to its share of the batch: sum them.
       (grads, parts), _ = jax.lax.scan(
           body, zeros, tuple(split(a) for a in args) + (jnp.arange(accum),))
-      grads, parts = jax.tree.map(lambda x: x / accum, (grads, parts))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = dict(step=state["step"] + 1,
                      params=optax.apply_updates(state["params"], updates),

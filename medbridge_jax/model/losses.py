@@ -13,6 +13,10 @@ Per-entry losses:
               Negatives are focused (g-) and easy ones below `clip` dropped;
               the focusing factors are differentiated (plain focal loss).
 
+Every term is per entry, so the loss of a batch cut into parts is the sum
+of the parts' `masked_sum`s over the whole batch's known-entry count:
+gradient accumulation uses this (`total(..., known=, share=)`).
+
 Class weights are (2, L): row 0 weighs negative entries, row 1 positive
 ones; `balanced_class_weights` makes sklearn's "balanced" weights,
 n / (2 n_c), from the training targets and mask, so both classes of every
@@ -87,10 +91,10 @@ def asymmetric(logits: Array, targets: Array, gamma_pos: float,
   return -(targets * pos + (1.0 - targets) * neg)
 
 
-def loss(logits: Array, targets: Array, mask: Array,
-         loss_config: ml_collections.ConfigDict,
-         class_weights: Optional[Array] = None) -> Array:
-  """Scalar float32 loss: the masked mean of the per-entry loss.
+def masked_sum(logits: Array, targets: Array, mask: Array,
+               loss_config: ml_collections.ConfigDict,
+               class_weights: Optional[Array] = None) -> Array:
+  """Scalar float32 sum over known entries of the weighted per-entry loss.
 
   Args:
     logits: (B, L) logits.
@@ -115,20 +119,45 @@ def loss(logits: Array, targets: Array, mask: Array,
   if class_weights is not None:
     w = jnp.asarray(class_weights, jnp.float32)
     per = per * (targets * w[1] + (1.0 - targets) * w[0])
-  per = per * mask
-  return per.sum() / jnp.maximum(mask.sum(), 1.0)
+  return jnp.sum(per * mask)
+
+
+def known_count(mask: Array) -> Array:
+  """The loss's denominator: the number of known entries, at least 1 (a
+  batch with none has loss 0, not nan)."""
+  return jnp.maximum(jnp.sum(jnp.asarray(mask, jnp.float32)), 1.0)
+
+
+def loss(logits: Array, targets: Array, mask: Array,
+         loss_config: ml_collections.ConfigDict,
+         class_weights: Optional[Array] = None) -> Array:
+  """Scalar float32 loss: the masked mean of the per-entry loss (arguments
+  as `masked_sum`)."""
+  return (masked_sum(logits, targets, mask, loss_config, class_weights)
+          / known_count(mask))
 
 
 def total(logits: Array, aux: dict, targets: Array, mask: Array,
           config: ml_collections.ConfigDict,
-          class_weights: Optional[Array] = None):
+          class_weights: Optional[Array] = None, *,
+          known: Optional[Array] = None, share: float = 1.0):
   """(scalar, metrics): the label loss plus the weighted MoE balance loss.
 
   `config` is the full config: `config.loss` and
   `config.model.moe.balance_loss` (the weight).
+
+  For one part of a batch (a micro-batch of gradient accumulation) pass
+  `known`, the whole batch's `known_count`, and `share`, the part's share of
+  the batch's rows: then the parts' values and gradients add up to the
+  whole batch's label loss (exactly: it is a sum over entries) plus the
+  row-weighted mean of the parts' balance losses. The balance loss is a
+  product of two batch means (mean gate x routed fraction), not a sum over
+  rows; like Switch Transformer's per-group loss, each part balances its own
+  rows. Metrics are the part's contributions, to be summed over parts.
   """
-  label = loss(logits, targets, mask, config.loss, class_weights)
-  balance = jnp.asarray(aux.get("balance_loss", 0.0), jnp.float32)
+  known = known_count(mask) if known is None else known
+  label = masked_sum(logits, targets, mask, config.loss, class_weights) / known
+  balance = share * jnp.asarray(aux.get("balance_loss", 0.0), jnp.float32)
   weight = float(config.model.moe.balance_loss)
   value = label + weight * balance if weight else label
   return value, {"loss": value, "label_loss": label, "balance_loss": balance}

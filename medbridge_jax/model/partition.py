@@ -33,13 +33,23 @@ def _flat(params) -> Dict[str, Any]:
   return traverse_util.flatten_dict(dict(params), sep="/")
 
 
-def decide(params, rules: Rules = DEFAULT_RULES) -> Dict[str, str]:
-  """{path: "train" | "frozen"} for every parameter; errors on gaps."""
+def path_string(key_path) -> str:
+  """The rules' "a/b/c" path of a `jax.tree_util` key path into a nested
+  dict of parameters."""
+  return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def match(params, rules: Rules, actions: Sequence[str],
+          what: str) -> Dict[str, str]:
+  """{path: action} for every parameter, by the first rule whose regex
+  `re.search`es its path; a rule with an action not in `actions`, or a
+  parameter no rule covers, is an error naming it (`what` names the rules
+  in the message, e.g. "partition")."""
   compiled = []
   for pattern, action in rules:
-    if action not in ACTIONS:
-      raise UserError(f"partition rule {pattern!r} has action {action!r}; "
-                      f"expected one of {ACTIONS}")
+    if action not in actions:
+      raise UserError(f"{what} rule {pattern!r} has action {action!r}; "
+                      f"expected one of {tuple(actions)}")
     compiled.append((re.compile(pattern), action))
   out = {}
   for path in _flat(params):
@@ -48,8 +58,13 @@ def decide(params, rules: Rules = DEFAULT_RULES) -> Dict[str, str]:
         out[path] = action
         break
     else:
-      raise UserError(f"parameter {path!r} matches no partition rule")
+      raise UserError(f"parameter {path!r} matches no {what} rule")
   return out
+
+
+def decide(params, rules: Rules = DEFAULT_RULES) -> Dict[str, str]:
+  """{path: "train" | "frozen"} for every parameter; errors on gaps."""
+  return match(params, rules, ACTIONS, "partition")
 
 
 def split(params, rules: Rules = DEFAULT_RULES) -> Tuple[dict, dict]:
