@@ -92,12 +92,49 @@ def test_unknown_targets_never_leak():
   assert losses.loss(x, y, np.zeros_like(m), cfg()) == 0.0
 
 
-def test_total_adds_weighted_balance_loss():
-  x, y, m = data(4)
+def test_total_against_reference_and_its_parts_add_up():
+  x, y, m = data(4, b=8)
+  m[0::2] = 0.0  # part 0 (even rows) has one known label, part 1 many
+  m[2, 1] = 1.0
+  w = np.asarray([[0.5, 1.0, 2.0, 0.7, 1.3], [3.0, 0.2, 1.5, 1.1, 0.9]],
+                 np.float32)
   c = default_config.get_default()
+  c.loss.update(kind="asymmetric", gamma_pos=1.0, gamma_neg=2.0, clip=0.05)
   c.model.moe.balance_loss = 0.5
-  value, metrics = losses.total(x, {"balance_loss": jnp.float32(1.2)}, y, m, c)
-  np.testing.assert_allclose(value, metrics["label_loss"] + 0.6, rtol=1e-6)
+  per = ref_asl(x, y, 1.0, 2.0, 0.05) * np.where(y > 0, w[1], w[0]) * m
+  want = per.sum() / m.sum()
+  np.testing.assert_allclose(
+      losses.masked_sum(x, y, m, c.loss, w), per.sum(), rtol=1e-5)
+  value, metrics = losses.total(x, {"balance_loss": jnp.float32(1.2)}, y, m,
+                                c, w)
+  np.testing.assert_allclose(metrics["label_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(value, want + 0.5 * 1.2, rtol=1e-5)
+
+  # Two parts over the whole batch's count: label losses and their
+  # gradients add up to the whole's; balance losses average by share.
+  known = losses.known_count(m)
+
+  def parts(z):
+    out = [losses.total(z[i::2], {"balance_loss": jnp.float32(b)}, y[i::2],
+                        m[i::2], c, w, known=known, share=0.5)
+           for i, b in ((0, 1.0), (1, 1.6))]
+    return sum(o[0] for o in out), [o[1] for o in out]
+
+  (value, metrics), grad = jax.value_and_grad(parts, has_aux=True)(x)
+  np.testing.assert_allclose(
+      sum(mt["label_loss"] for mt in metrics), want, rtol=1e-5)
+  np.testing.assert_allclose(
+      sum(mt["balance_loss"] for mt in metrics), 1.3, rtol=1e-6)
+  np.testing.assert_allclose(value, want + 0.5 * 1.3, rtol=1e-5)
+  whole = jax.grad(lambda z: losses.loss(z, y, m, c.loss, w))(x)
+  np.testing.assert_allclose(grad, whole, rtol=1e-5, atol=1e-8)
+  assert np.abs(np.asarray(whole)).max() > 0
+  # Weight 0: the balance loss is reported, not added.
+  c.model.moe.balance_loss = 0.0
+  value, metrics = losses.total(x, {"balance_loss": jnp.float32(1.2)}, y, m,
+                                c, w)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  assert float(metrics["balance_loss"]) == pytest.approx(1.2)
 
 
 def test_unknown_kind_is_a_user_error():

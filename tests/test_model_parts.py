@@ -59,22 +59,49 @@ def random_gate_params(gate, pooled, seed=0):
       lambda x: jax.random.normal(jax.random.key(seed + 1), x.shape), params)
 
 
+def numpy_gate(params, pooled, gating, top_k, num_labels):
+  """Gates and balance loss of `moe.Gate`, written out in numpy."""
+  p = jax.tree_util.tree_map(np.asarray, params)["params"]
+  x = np.concatenate([np.asarray(v, np.float64) / np.sqrt(
+      np.mean(np.square(np.asarray(v, np.float64)), -1, keepdims=True)
+      + 1e-6) for v in pooled], -1)
+  h = x @ p["hidden"]["kernel"] + p["hidden"]["bias"]
+  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  logits = h @ p["logits"]["kernel"] + p["logits"]["bias"]
+  k = len(pooled)
+  if gating == "per_label":
+    logits = logits.reshape(-1, num_labels, k)
+  order = np.argsort(-logits, axis=-1, kind="stable")
+  top = np.zeros_like(logits)
+  np.put_along_axis(top, order[..., :top_k if gating == "top_k" else 1], 1.0,
+                    -1)
+  if gating == "top_k":
+    logits = np.where(top > 0, logits, -np.inf)
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  gates = e / e.sum(-1, keepdims=True)
+  routed = top_k if gating == "top_k" else 1
+  flat, chosen = gates.reshape(-1, k), top.reshape(-1, k) / routed
+  balance = k * np.sum(flat.mean(0) * chosen.mean(0))
+  if gating == "per_label":
+    gates = np.swapaxes(gates, 1, 2)
+  return gates, balance
+
+
 @pytest.mark.parametrize("gating,top_k", [("soft", 1), ("top_k", 1),
                                           ("top_k", 2), ("per_label", 1)])
-def test_gates_sum_to_one(gating, top_k):
+def test_gates_and_balance_loss_match_numpy(gating, top_k):
   k, l, b = 3, 4, 5
   pooled = [jax.random.normal(jax.random.key(i), (b, w))
             for i, w in enumerate((8, 16, 12))]
   gate = moe.Gate(k, l, gating, top_k, hidden=6)
-  gates, balance = jax.jit(gate.apply)(random_gate_params(gate, pooled),
-                                       pooled)
-  want = (b, k, l) if gating == "per_label" else (b, k)
-  assert gates.shape == want
-  np.testing.assert_allclose(gates.sum(axis=1), 1.0, atol=1e-6)
-  assert np.all(np.asarray(gates) >= 0)
+  params = random_gate_params(gate, pooled)
+  gates, balance = jax.jit(gate.apply)(params, pooled)
+  want, want_balance = numpy_gate(params, pooled, gating, top_k, l)
+  assert gates.shape == want.shape
+  np.testing.assert_allclose(gates, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(balance, want_balance, rtol=1e-4)
   if gating == "top_k":
     assert np.all((np.asarray(gates) > 0).sum(axis=1) == top_k)
-  assert 1.0 - 1e-5 <= float(balance) <= k + 1e-5
 
 
 def test_gates_start_equal():
@@ -118,6 +145,22 @@ def test_fusion_starts_as_max_over_views_and_mixes_after():
       params)
   y = apply(params, x)
   assert y.shape == (2, 3, 8)
+  # It mixes: token 0's output moves when only token 2 of one local view
+  # moves (a per-token map followed by the max could not do that).
+  # (A random direction: LayerNorm ignores a constant added to a token.)
+  moved = x.at[:, 3, 2].add(jax.random.normal(jax.random.key(4), (8,)))
+  assert np.abs(np.asarray(apply(params, moved) - y)[:, 0]).max() > 1e-3
+  # Every weight is used: changing any one parameter changes the output.
+  # (Key biases excepted: softmax ignores q.b, the same for every key.)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  for i, (path, _) in enumerate(leaves):
+    name = partition.path_string(path)
+    if name.endswith("key/bias"):
+      continue
+    changed = jax.tree_util.tree_map_with_path(
+        lambda q, p, path=path: p + 0.1 * jax.random.normal(
+            jax.random.key(3), p.shape) if q == path else p, params)
+    assert np.abs(np.asarray(apply(changed, x) - y)).max() > 1e-4, name
   # Views are symmetric apart from the global one: permuting local views
   # leaves the result unchanged.
   perm = x[:, jnp.asarray([0, 3, 1, 4, 2])]
