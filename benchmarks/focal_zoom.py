@@ -1,14 +1,16 @@
-"""Does zoom let a frozen random expert see a focal finding? Crop-level tests.
+"""Which crop side lets a frozen expert see a focal finding? Crop-level tests.
 
   python benchmarks/focal_zoom.py --expert=DIR [--finding=nodule|ptx] \
-      [--crops=64,32,24] [--inject=0] [--queries=16] [--steps=300]
+      [--crops=0,32,24] [--inject=0] [--queries=16] [--steps=300]
 
 Renders synthetic studies (data.synthetic, which also gives where the
 findings are), cuts crops of `crop` stored pixels that contain the finding
 (nodule, or a stretch of the pneumothorax's pleural line) and lung crops of
 studies without it, and trains the real one-expert MedBridge branch (frozen
 tower + query tokens + head; views resized to the expert's side, so crop 32
-on a 64 px expert is zoom 2) on them with clean labels. Prints per crop size
+on a 64 px expert is upsampled x2) on them with clean labels. Crop sides are
+in stored pixels, 0 being the expert's own side (native resolution, as
+`model.focal.crop_size=0`). Prints per crop size
 
   crop AUROC    held-out crops: can the expert + queries see the finding?
                 (pneumothorax negatives lie at the lateral chest wall too)
@@ -24,7 +26,7 @@ Measured 2026-12-01 on a 2-core CPU, default random CLIP-like expert
   Lung Lesion, 300 steps:  crop 64: 0.68 / 0.53 (25 windows);
     crop 32: 0.83 / 0.72 (81); crop 16: 0.99 / 0.93 (361)   [crop / image]
   Pneumothorax, 600 steps: crop 64: 0.91 / 0.76 (25); crop 32: 0.98 / 0.91
-So the purely random expert sees both findings only once zoomed (nodules
+So the purely random expert sees both findings only once upsampled (nodules
 need about 4x). The default experts are pre-trained on a generic task
 (experts.pretrain, spec pretrain=1500); with --inject=-2 --queries=4
 --crops=64,256 (the default run's query settings), 2026-12-01:
@@ -119,6 +121,7 @@ def run(expert, finding: str, crop: int, args) -> tuple[float, float]:
   train, test = order[:int(0.7 * len(y))], order[int(0.7 * len(y)):]
 
   config = default_config.get_default()
+  config.data.image_size = crop
   config.model.focal.enabled = False  # The crop is the image: one view.
   config.model.queries.inject_layer = args.inject
   config.model.queries.num_queries = args.queries
@@ -170,8 +173,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--expert", required=True, help="Expert folder.")
   parser.add_argument("--finding", default="nodule", choices=sorted(LABEL))
-  parser.add_argument("--crops", default="64,32,24",
-                      help="Crop sides in stored pixels, comma-separated.")
+  parser.add_argument("--crops", default="0,32,24",
+                      help="Crop sides in stored pixels, comma-separated; "
+                      "0 = the expert's input side (native).")
   parser.add_argument("--inject", type=int, default=0, help="inject_layer.")
   parser.add_argument("--queries", type=int, default=16)
   parser.add_argument("--steps", type=int, default=300)
@@ -185,9 +189,10 @@ def main():
         f"inject_layer {args.inject}, {args.queries} queries, "
         f"{args.steps} steps")
   for crop in (int(c) for c in args.crops.split(",")):
+    crop = focal_sampling.crop_side(crop, expert.image_size)
     start = time.monotonic()
     crop_auroc, image_auroc, n = run(expert, args.finding, crop, args)
-    print(f"  crop {crop:3d} (zoom {expert.image_size / crop:.2f}): crop "
+    print(f"  crop {crop:3d} (x{expert.image_size / crop:.2f}): crop "
           f"AUROC {crop_auroc:.3f}, image AUROC {image_auroc:.3f} (max over "
           f"{n} windows) [{time.monotonic() - start:.0f} s]", flush=True)
 

@@ -63,19 +63,21 @@ def get_default() -> ml_collections.ConfigDict:
   c.model.focal = ml_collections.ConfigDict()
   c.model.focal.enabled = True  # False: the global view only.
   c.model.focal.num_local = 4  # N-1 random local crops per image in training.
-  c.model.focal.crop_size = 64  # Crop side in stored-image pixels.
+  c.model.focal.crop_size = 0  # Crop side in stored pixels; 0 = expert's side.
   c.model.focal.eval_overlap = 0.25  # Overlap of evaluation sliding windows.
-  c.model.focal.lung_bias = 0.0  # 0 = uniform crop centres; 1 = lung fields only.
-  c.model.focal.zoom = 0.0  # >0: crop side = expert input side / zoom.
+  c.model.focal.lung_bias = 0.0  # 0 = uniform crop centres; 1 = all in lungs.
   c.model.focal.resize = "linear"  # Antialiased: linear | cubic | lanczos3.
   c.model.focal.train_windows = "random"  # random | sliding (eval windows).
+  c.model.focal.global_view = True  # False: local views only (needs enabled).
+  c.model.focal.global_side = 0  # Whole-image view side; 0 = expert's side.
   c.model.queries = ml_collections.ConfigDict()
-  c.model.queries.enabled = True  # False: linear probe on pooled frozen features.
+  c.model.queries.enabled = True  # False: the frozen pooled feature only.
   c.model.queries.num_queries = 4  # Q learnable query tokens per expert.
   c.model.queries.inject_layer = -2  # T1; negative counts from the last layer.
   c.model.queries.mode = "non_destructive"  # non_destructive | joint.
   c.model.queries.init_std = 0.02  # Query tokens start as N(0, init_std^2).
   c.model.fusion = ml_collections.ConfigDict()
+  c.model.fusion.enabled = True  # False: plain max over views, no attention.
   c.model.fusion.num_heads = 4  # Heads of the cross-view self-attention.
   c.model.fusion.num_layers = 1  # Cross-view self-attention blocks.
   c.model.fusion.keep_global = False  # Global view's tokens beside the max.

@@ -3,8 +3,8 @@
 Two experts of different families, widths, depths and input sides (CLIP
 width 32, 2 layers at 32 px; SigLIP width 48, 1 layer at 24 px) written as
 Hugging Face folders and loaded through `experts.load`, as real checkpoints
-are. Stored images are 64 px with 32 px crops. Everything is jitted:
-compilation dominates the run time.
+are. Stored images are 64 px; crops are at each expert's native side (32
+and 24 px). Everything is jitted: compilation dominates the run time.
 """
 
 import dataclasses
@@ -50,9 +50,12 @@ def prompts(experts):
 
 def config(**model):
   c = default_config.get_default()
-  c.model.focal.crop_size = 32
+  c.data.image_size = SIDE
   c.model.focal.num_local = 2
-  c.model.focal.eval_overlap = 0.0  # 2 x 2 windows: 5 views in evaluation.
+  # Native crops without overlap: CLIP 32 px, starts 0 and 32 (2 x 2
+  # windows, 5 views in evaluation); SigLIP 24 px, starts 0, 24 and the
+  # flush 40 (3 x 3 windows, 10 views).
+  c.model.focal.eval_overlap = 0.0
   c.model.queries.inject_layer = -1  # T1 = 1 for CLIP, 0 for SigLIP.
   for key, value in model.items():
     node = c.model
@@ -234,10 +237,12 @@ def test_bfloat16_compute(main, experts, prompts):
   np.testing.assert_allclose(logits16, logits32, atol=0.25)
 
 
-def test_all_off_is_the_zero_shot_linear_probe(experts, prompts):
-  """Focal, queries and MoE off + text init: the experts' zero-shot logits."""
+@pytest.mark.parametrize("fusion", [True, False])
+def test_all_off_is_the_zero_shot_linear_probe(experts, prompts, fusion):
+  """Focal, queries, (fusion) and MoE off + text init: the experts'
+  zero-shot logits, a linear classifier on the pooled frozen features."""
   c = config(**{"focal.enabled": False, "queries.enabled": False,
-                "moe.enabled": False})
+                "moe.enabled": False, "fusion.enabled": fusion})
   # No prompt embeddings given: build computes them from config.zero_shot.
   model = medbridge.build(c, experts, LABELS)
   params = medbridge.init_params(model, jax.random.key(0), experts, SIDE)
@@ -268,11 +273,22 @@ def test_init_params_names_a_wrong_tower_shape(main, experts):
 def test_config_errors(experts, prompts):
   with pytest.raises(UserError, match="inject_layer"):
     query_encoder.resolve_layer(-3, 2)
-  model = medbridge.build(config(**{"focal.crop_size": 96}), experts, LABELS,
-                          prompts)
-  with pytest.raises(UserError, match="crop_size"):
-    model.init({"params": jax.random.key(0), "focal": jax.random.key(1)},
-               images(1), train=True)
+  # Caught when the model is built, before anything is traced.
+  for changes, key in (
+      ({"focal.crop_size": 96}, "model.focal.crop_size=96"),
+      ({"focal.global_side": 20}, "model.focal.global_side=20"),
+      ({"focal.global_side": 128}, "model.focal.global_side=128"),
+      ({"focal.enabled": False, "focal.global_view": False},
+       "model.focal.global_view"),
+      ({"focal.global_view": False, "fusion.keep_global": True},
+       "model.fusion.keep_global")):
+    with pytest.raises(UserError, match=key):
+      medbridge.build(config(**changes), experts, LABELS, prompts)
+  # Native crops bigger than the stored images (a 32 px expert on 24 px).
+  c = config()
+  c.data.image_size = 24
+  with pytest.raises(UserError, match="crop_size=0 gives expert 0"):
+    medbridge.build(c, experts, LABELS, prompts)
 
 
 def test_keep_global_fusion_heads_see_both_token_sets(experts, prompts):
@@ -285,3 +301,176 @@ def test_keep_global_fusion_heads_see_both_token_sets(experts, prompts):
   logits, aux = eval_fn(model)(params, images(4))
   assert logits.shape == (4, 3) and np.all(np.isfinite(logits))
   np.testing.assert_allclose(aux["gates"].sum(1), 1.0, atol=1e-6)
+
+
+def tower_calls(model, params, x, train=False, key=None):
+  """{expert index: [(pixels, tokens) of each tower.embed call]}, in order
+  (one jitted apply; the intercepted values are returned as outputs)."""
+
+  def run(params, x, key):
+    calls = {}
+
+    def record(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == "embed":
+        k = int(context.module.path[0].split("_")[1])
+        calls.setdefault(k, []).append((args[0], out))
+      return out
+
+    rngs = {"focal": key} if key is not None else None
+    with nn.intercept_methods(record):
+      model.apply({"params": params}, x, train=train, rngs=rngs)
+    return calls
+
+  return jax.tree.map(np.asarray, jax.jit(run)(params, x, key))
+
+
+def unnormalize(pixels, expert):
+  """Normalised NHWC pixels -> the [0, 1] grey values they came from."""
+  return pixels[..., 0] * expert.image_std[0] + expert.image_mean[0]
+
+
+def coordinates(n):
+  """Images whose pixel (r, c) is (r * SIDE + c) / SIDE^2 (+ a shift per
+  image): each crop's top-left pixel gives its corner back."""
+  base = np.arange(SIDE * SIDE, dtype=np.float32).reshape(SIDE, SIDE)
+  return np.stack([(base + 0.05 * i) / SIDE**2 for i in range(n)])
+
+
+def corner_of(crop):
+  """(row, col) of a crop of a `coordinates` image."""
+  i = int(np.floor(crop[0, 0] * SIDE**2 + 1e-3))
+  return i // SIDE, i % SIDE
+
+
+def test_each_expert_evaluates_its_own_native_windows(main, experts):
+  """Evaluation: every sliding window of each expert's own input side,
+  unresized, hand-computed for 64 px images without overlap."""
+  model, params, _ = main
+  x = np.asarray(jax.random.uniform(jax.random.key(8), (2, SIDE, SIDE)))
+  calls = tower_calls(model, params, jnp.asarray(x))
+  starts = {0: [0, 32], 1: [0, 24, 40]}  # 32 px and 24 px crops
+  for k, e in enumerate(experts):
+    (pixels, _), = calls[k]  # one batch: the global view and the crops
+    side = e.image_size
+    views = unnormalize(pixels, e).reshape(2, -1, side, side)
+    windows = [(r, c) for r in starts[k] for c in starts[k]]
+    assert views.shape[1] == 1 + len(windows)
+    for b in range(2):
+      for i, (r, c) in enumerate(windows):
+        np.testing.assert_allclose(views[b, 1 + i],
+                                   x[b, r:r + side, c:c + side], atol=1e-5)
+
+
+def test_training_crops_share_centres_across_experts(main, experts):
+  """Training: each expert's crop is its own side around one centre per
+  crop, clamped into the image; the experts' corners must agree on it."""
+  model, params, _ = main
+  x = coordinates(8)
+  calls = tower_calls(model, params, jnp.asarray(x), train=True,
+                      key=jax.random.key(21))
+  corners = {}
+  for k, e in enumerate(experts):
+    (pixels, _), = calls[k]
+    side = e.image_size
+    views = unnormalize(pixels, e).reshape(8, 3, side, side)[:, 1:]
+    corners[k] = np.asarray([[corner_of(v) for v in row] for row in views])
+  centre = np.arange(SIDE)
+  placed = {k: np.clip(centre - e.image_size // 2, 0,
+                       SIDE - e.image_size)
+            for k, e in enumerate(experts)}
+  moved = 0
+  for b in range(8):
+    for i in range(2):
+      for axis in range(2):
+        fits = [set(centre[placed[k] == corners[k][b, i, axis]])
+                for k in range(2)]
+        assert fits[0] & fits[1], (b, i, axis, corners[0][b, i],
+                                   corners[1][b, i])
+        moved += corners[0][b, i, axis] != corners[1][b, i, axis]
+  assert moved > 0  # Different sides: the corners themselves differ.
+
+
+def test_global_view_off_feeds_the_local_views_only(experts, prompts):
+  model = medbridge.build(config(**{"focal.global_view": False}), experts,
+                          LABELS, prompts)
+  params = medbridge.init_params(model, jax.random.key(0), experts, SIDE)
+  x = images(2, seed=9)
+  calls = tower_calls(model, params, x)
+  # N - 1 = 4 and 9 views (no global view) per image in evaluation.
+  assert [len(calls[k][0][0]) for k in range(2)] == [2 * 4, 2 * 9]
+  calls = tower_calls(model, params, x, train=True, key=jax.random.key(0))
+  assert [len(calls[k][0][0]) for k in range(2)] == [2 * 2, 2 * 2]
+  logits, _ = eval_fn(model)(params, x)
+  assert np.all(np.isfinite(logits))
+
+
+def test_global_side_reads_a_larger_whole_image(main, experts, prompts):
+  """A 48 px global view: its own pass through each tower, with
+  interpolated positions ((48 / 8)^2 patches, + CLIP's class token)."""
+  base_model, params, run = main
+  model = medbridge.build(config(**{"focal.global_side": 48}), experts,
+                          LABELS, prompts)
+  x = images(2, seed=10)
+  calls = tower_calls(model, params, x)
+  for k, e in enumerate(experts):
+    (g_pixels, g_tokens), (l_pixels, l_tokens) = calls[k]
+    prefix = e.vision.config.num_prefix_tokens
+    assert g_pixels.shape[:3] == (2, 48, 48)
+    assert g_tokens.shape[:2] == (2, 6 * 6 + prefix)
+    side = e.image_size
+    grid = (side // 8) ** 2
+    assert l_pixels.shape[1:3] == (side, side)
+    assert l_tokens.shape[1] == grid + prefix
+  # The same parameters fit; the whole-image view changes the output.
+  got = eval_fn(model)(params, x)[0]
+  assert not np.allclose(got, run(params, x)[0], atol=1e-4)
+  calls = tower_calls(model, params, x, train=True, key=jax.random.key(1))
+  assert [len(p) for (p, _), _ in calls.values()] == [2, 2]  # global views
+  assert [len(p) for _, (p, _) in calls.values()] == [2 * 2, 2 * 2]  # crops
+
+
+def test_global_side_alone_is_zero_shot_on_the_larger_image(experts,
+                                                            prompts):
+  """Everything else off: the expert's own image features of the image
+  resized to 48 px (positions interpolated by the expert) -> zero-shot."""
+  c = config(**{"focal.enabled": False, "focal.global_side": 48,
+                "queries.enabled": False, "moe.enabled": False})
+  model = medbridge.build(c, experts, LABELS, prompts)
+  params = medbridge.init_params(model, jax.random.key(0), experts, SIDE)
+  x = images(3, seed=11)
+  _, aux = eval_fn(model)(params, x)
+  view = jax.image.resize(x, (3, 48, 48), "linear", antialias=True)
+  for k, e in enumerate(experts):
+    feats = e.image_features(e.normalize(view[..., None]))
+    pair = zero_shot.logits(feats, prompts[k], e)
+    np.testing.assert_allclose(aux["expert_logits"][:, k],
+                               pair[..., 0] - pair[..., 1],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_off_is_a_max_over_views_of_pooled_features(experts,
+                                                           prompts):
+  """Focal on, queries and fusion off: the zero-shot classifier on the
+  element-wise max over every view's pooled frozen feature, the views cut
+  by numpy slicing at the hand-computed windows."""
+  c = config(**{"queries.enabled": False, "moe.enabled": False,
+                "fusion.enabled": False})
+  model = medbridge.build(c, experts, LABELS, prompts)
+  params = medbridge.init_params(model, jax.random.key(0), experts, SIDE)
+  assert set(params["expert_0"]) == {"tower", "head"}  # no fusion block
+  x = np.asarray(images(2, seed=12))
+  _, aux = eval_fn(model)(params, jnp.asarray(x))
+  starts = {0: [0, 32], 1: [0, 24, 40]}
+  for k, e in enumerate(experts):
+    side = e.image_size
+    crops = [x[:, r:r + side, c:c + side] for r in starts[k]
+             for c in starts[k]]
+    views = [np.asarray(jax.image.resize(x, (2, side, side), "linear",
+                                         antialias=True))] + crops
+    feats = np.stack([e.image_features(e.normalize(v[..., None]))
+                      for v in views])
+    pair = zero_shot.logits(feats.max(0), prompts[k], e)
+    np.testing.assert_allclose(aux["expert_logits"][:, k],
+                               pair[..., 0] - pair[..., 1],
+                               atol=1e-4, rtol=1e-4)

@@ -2,9 +2,12 @@
 
 For each image (B, H, W) in [0, 1] and each expert k:
 
-  focal_sampling.views   global view + local crops at the expert's side
+  focal_sampling         global view + local crops, by default each at the
+                         expert's own input side (native resolution); crop
+                         centres drawn once per image, shared by experts
   QueryEncoder           frozen tower + Q query tokens per view -> (T, P_k)
   CrossViewFusion        self-attention over all views' tokens, max over views
+                         (`fusion.enabled=False`: the max alone)
   Head                   fused tokens -> per-label logits (B, L)
 
 then `moe.Gate` weighs the K experts' logits from their pooled query vectors
@@ -64,8 +67,9 @@ class Settings:
   dtype: Any = jnp.float32  # Compute dtype of the frozen towers.
   attention_impl: Optional[str] = None  # None | auto | xla | cudnn.
   num_local: int = 4  # Local views in training; 0 = focal sampling off.
-  crop_size: int = 64
-  zoom: float = 0.0  # > 0: crop side = expert side / zoom, per expert.
+  crop_size: int = 0  # Stored pixels; 0 = each expert's own input side.
+  global_view: bool = True  # False: local views only.
+  global_side: int = 0  # Side of the global view; 0 = the expert's side.
   eval_overlap: float = 0.25
   lung_bias: float = 0.0
   resize: str = "linear"
@@ -74,6 +78,7 @@ class Settings:
   inject_layer: int = -2
   query_mode: str = "non_destructive"
   query_init_std: float = 0.02
+  fusion: bool = True  # False: a plain max over views.
   fusion_heads: int = 4
   fusion_layers: int = 1
   fusion_keep_global: bool = False
@@ -84,9 +89,7 @@ class Settings:
 
   def crop_for(self, side: int) -> int:
     """Crop side in stored pixels for an expert whose input side is `side`."""
-    if self.zoom > 0:
-      return max(1, int(round(side / self.zoom)))
-    return self.crop_size
+    return focal_sampling.crop_side(self.crop_size, side)
 
 
 def normalize(views: Array, mean, std) -> Array:
@@ -108,27 +111,42 @@ class ExpertBranch(nn.Module):
         num_queries=s.num_queries, inject_layer=s.inject_layer,
         mode=s.query_mode, init_std=s.query_init_std)
     # Nothing to fuse with one view of one token: keep the linear probe pure.
-    self.fuses = s.num_local > 0 or s.num_queries > 0
+    self.fuses = s.fusion and (s.num_local > 0 or s.num_queries > 0)
     if self.fuses:
-      self.fusion = fusion_lib.CrossViewFusion(s.fusion_heads,
-                                               s.fusion_layers,
-                                               s.fusion_keep_global)
+      self.fusion = fusion_lib.CrossViewFusion(
+          s.fusion_heads, s.fusion_layers, s.fusion_keep_global,
+          has_global=s.global_view)
     self.head = heads.Head(self.num_labels, self.spec.directions)
 
-  def __call__(self, images: Array, train: bool,
-               key: Optional[Array]) -> Tuple[Array, Array]:
-    """images (B, H, W) -> (logits (B, L), pooled query vector (B, P))."""
-    s, side = self.settings, self.spec.side
-    v = focal_sampling.views(
-        images, side=side, crop=s.crop_for(side), num_local=s.num_local,
-        train=train, key=key, overlap=s.eval_overlap, lung_bias=s.lung_bias,
-        method=s.resize, train_windows=s.train_windows)
-    b, n = v.shape[:2]
-    pixels = normalize(v.reshape(b * n, side, side), self.spec.mean,
+  def encode(self, views: Array) -> Array:
+    """(B, n, S, S) views of one side -> (B, n, T, P) tokens."""
+    b, n, h, w = views.shape
+    pixels = normalize(views.reshape(b * n, h, w), self.spec.mean,
                        self.spec.std)
-    tokens = self.encoder(self.tower, pixels)  # (B * N, T, P)
-    tokens = tokens.reshape((b, n) + tokens.shape[1:])
-    fused = self.fusion(tokens) if self.fuses else tokens[:, 0]
+    tokens = self.encoder(self.tower, pixels)  # (B * n, T, P)
+    return tokens.reshape((b, n) + tokens.shape[1:])
+
+  def __call__(self, images: Array, train: bool,
+               centres: Optional[Array]) -> Tuple[Array, Array]:
+    """images (B, H, W) -> (logits (B, L), pooled query vector (B, P)).
+
+    `centres` (B, num_local, 2): the training crops' centres, shared by all
+    experts (None in evaluation or with sliding training windows).
+    """
+    s, side = self.settings, self.spec.side
+    groups = focal_sampling.view_groups(
+        images, side=side, crop=s.crop_for(side), num_local=s.num_local,
+        train=train, centres=centres, overlap=s.eval_overlap,
+        method=s.resize, train_windows=s.train_windows,
+        global_view=s.global_view, global_side=s.global_side)
+    # A global view of another side cannot share a batch with the crops:
+    # each side is its own pass through the tower (same queries), and the
+    # tokens are joined in view order.
+    tokens = jnp.concatenate([self.encode(g) for g in groups], axis=1)
+    if self.fuses:
+      fused = self.fusion(tokens)
+    else:
+      fused = fusion_lib.max_over_views(tokens, s.fusion_keep_global)
     logits = self.head(fused)
     # With fusion.keep_global the fused tokens are [max over local views;
     # global view]: the gate reads the first, fused, set of queries.
@@ -161,9 +179,15 @@ class MedBridge(nn.Module):
       raise UserError(f"images must be (batch, height, width); got "
                       f"{images.shape}")
     random_crops = s.num_local > 0 and s.train_windows == "random"
-    key = self.make_rng("focal") if train and random_crops else None
+    centres = None
+    if train and random_crops:
+      # One draw per image for all experts: each places its own crop side
+      # around the same centres.
+      b, h, w = images.shape
+      centres = focal_sampling.random_centres(
+          self.make_rng("focal"), b, s.num_local, h, w, s.lung_bias)
     outs = [ExpertBranch(spec, s, self.num_labels, name=f"expert_{k}")(
-        images, train, key) for k, spec in enumerate(self.experts)]
+        images, train, centres) for k, spec in enumerate(self.experts)]
     expert_logits = jnp.stack([o[0] for o in outs], axis=1)  # (B, K, L)
     b, k = expert_logits.shape[:2]
     if s.moe and k > 1:
@@ -185,13 +209,17 @@ def settings_from_config(model_config: ml_collections.ConfigDict) -> Settings:
   if m.compute_dtype not in DTYPES:
     raise UserError(f"model.compute_dtype={m.compute_dtype!r}; expected one "
                     f"of {tuple(DTYPES)}")
+  if m.fusion.keep_global and not m.focal.global_view:
+    raise UserError("model.fusion.keep_global=True needs a global view "
+                    "(model.focal.global_view=True)")
   impl = m.attention_impl or None
   return Settings(
       dtype=DTYPES[m.compute_dtype],
       attention_impl=impl,
       num_local=int(m.focal.num_local) if m.focal.enabled else 0,
       crop_size=int(m.focal.crop_size),
-      zoom=float(m.focal.zoom),
+      global_view=bool(m.focal.global_view),
+      global_side=int(m.focal.global_side),
       eval_overlap=float(m.focal.eval_overlap),
       lung_bias=float(m.focal.lung_bias),
       resize=str(m.focal.resize),
@@ -200,6 +228,7 @@ def settings_from_config(model_config: ml_collections.ConfigDict) -> Settings:
       inject_layer=int(m.queries.inject_layer),
       query_mode=str(m.queries.mode),
       query_init_std=float(m.queries.init_std),
+      fusion=bool(m.fusion.enabled),
       fusion_heads=int(m.fusion.num_heads),
       fusion_layers=int(m.fusion.num_layers),
       fusion_keep_global=bool(m.fusion.keep_global),
@@ -228,6 +257,7 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
   if not labels:
     raise UserError("no labels to train on")
   settings = settings_from_config(config.model)
+  check_views(config, experts)
   text_init = bool(config.model.head.text_init)
   if text_init and prompt_embeddings is None:
     prompt_embeddings = [
@@ -252,6 +282,21 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
         mean=tuple(float(x) for x in e.image_mean),
         std=tuple(float(x) for x in e.image_std), directions=directions))
   return MedBridge(tuple(specs), len(labels), settings)
+
+
+def check_views(config: ml_collections.ConfigDict,
+                experts: Sequence[Any]) -> None:
+  """Raises UserError naming the `model.focal` key that cannot work with
+  these experts on `data.image_size` images (see focal_sampling)."""
+  focal = config.model.focal
+  focal_sampling.check_config(int(config.data.image_size),
+                              [int(e.image_size) for e in experts], focal)
+  if focal.global_view and focal.global_side:
+    for k, e in enumerate(experts):
+      patch = int(e.vision.config.patch_size)
+      if focal.global_side % patch:
+        raise UserError(f"model.focal.global_side={focal.global_side} must "
+                        f"be a multiple of expert {k}'s patch size {patch}")
 
 
 def _shape(x) -> Tuple[int, ...]:
