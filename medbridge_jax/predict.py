@@ -18,9 +18,11 @@ config.data.image_size, then the model in evaluation mode (sliding windows).
 The CSV (default DIR/predictions.csv) has one row per image, in input order
 (a folder's files sorted by path): `path`, one probability column per label,
 then `positive_labels`, the labels whose probability is at or above the
-threshold in DIR/thresholds.json (chosen on validation data when the run
-finished), joined by ";". A label without a threshold (one class only in the
-validation data) is never listed. With --skip_bad an unreadable image gets
+threshold stored with the loaded checkpoint (chosen on the validation split
+when that very state was evaluated, so best and latest each use their own),
+joined by ";". A label without a threshold (one class only in the validation
+data) is never listed. The experts' towers must be the ones the checkpoint
+was trained with (their fingerprints are compared). With --skip_bad an unreadable image gets
 no row and a warning counts them; without it the first one is an error
 naming the file. The CSV is written to a temporary file and renamed, so an
 error never leaves half a file.
@@ -139,6 +141,14 @@ class Run:
   workdir: str
   config: object  # ml_collections.ConfigDict, as saved in config.json.
   label_names: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A restored checkpoint, ready to predict."""
+  fn: Callable  # uint8 (B, H, W) on the mesh -> probabilities (B, L).
+  mesh: object
+  step: int
   thresholds: np.ndarray  # (L,) float64, nan: no threshold.
   chosen_on: str  # The split the thresholds were chosen on.
 
@@ -169,28 +179,32 @@ def open_run(workdir: str) -> Run:
         f"{workdir} has no config.json: not the workdir of a training run "
         f"(python -m medbridge_jax.main --workdir=... writes it)")
   config = ml_collections.ConfigDict(_read_json(config_path, "run config"))
+  # thresholds.json (the selected checkpoint's) lists the run's labels in
+  # the model's output order.
   thresholds_path = os.path.join(path, "thresholds.json")
   if not os.path.isfile(thresholds_path):
     raise errors.UserError(
         f"{workdir} has no thresholds.json: its run has not finished (rerun "
         f"the same training command to finish it)")
-  body = _read_json(thresholds_path, "thresholds file")
-  table = body.get("thresholds")
-  if not isinstance(table, dict) or not table or not all(
-      t is None or isinstance(t, (int, float)) for t in table.values()):
-    raise errors.UserError(f"{thresholds_path} holds no per-label "
-                           f"\"thresholds\" object")
-  # thresholds.json lists the run's labels in the model's output order.
-  label_names = tuple(table)
+  label_names = tuple(_thresholds(_read_json(thresholds_path,
+                                             "thresholds file"),
+                                  thresholds_path))
   wanted = tuple(config.data.labels)
   if wanted and wanted != label_names:
     raise errors.UserError(
         f"{thresholds_path} lists labels {list(label_names)}, config.json "
         f"{list(wanted)}: the files come from different runs")
-  thresholds = np.array([np.nan if t is None else float(t)
-                         for t in table.values()])
-  return Run(path, config, label_names, thresholds,
-             str(body.get("chosen_on", "validation data")))
+  return Run(path, config, label_names)
+
+
+def _thresholds(body, where: str) -> dict:
+  """The {label: threshold or None} table of a thresholds object."""
+  table = body.get("thresholds") if isinstance(body, dict) else None
+  if not isinstance(table, dict) or not table or not all(
+      t is None or isinstance(t, (int, float)) for t in table.values()):
+    raise errors.UserError(f"{where} holds no per-label \"thresholds\" "
+                           f"object")
+  return table
 
 
 def _has_step(folder: str) -> bool:
@@ -198,22 +212,24 @@ def _has_step(folder: str) -> bool:
       name.isdigit() for name in os.listdir(folder))
 
 
-def load_model(run: Run, checkpoint: str = "best"):
-  """(probability fn, mesh, step) of the run's checkpoint.
+def load_model(run: Run, checkpoint: str = "best") -> Loaded:
+  """The run's best (or latest) checkpoint, with its own thresholds.
 
   The function maps uint8 images (B, H, W), B a multiple of the mesh's
   devices, sharded over the mesh's batch axis, to float32 probabilities
   (B, L): `evaluate.make_model_fn` with the restored trainable parameters
-  and the experts' frozen towers bound.
+  and the experts' frozen towers bound. UserError when the experts' towers
+  are not those the checkpoint was trained with, or when the checkpoint
+  was not evaluated (no thresholds).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from medbridge_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from medbridge_jax import evaluate  # pylint: disable=g-import-not-at-top
   from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
   from medbridge_jax import optim  # pylint: disable=g-import-not-at-top
   from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import train_state  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import medbridge  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
 
@@ -241,19 +257,12 @@ def load_model(run: Run, checkpoint: str = "best"):
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1}))
   replicated = sharding.replicated(mesh)
   abstract = medbridge.abstract_params(model, int(config.data.image_size))
-  trainable, frozen_abstract = partition.split(abstract)
-  frozen = {f"expert_{k}": {"tower": medbridge.check_tower(
-      abstract[f"expert_{k}"]["tower"], e)} for k, e in enumerate(experts)}
-  if jax.tree.structure(frozen) != jax.tree.structure(frozen_abstract):
-    raise ValueError("the partition rules freeze more than the towers")
+  trainable, _ = partition.split(abstract)
+  frozen = partition.split({f"expert_{k}": {"tower": medbridge.check_tower(
+      abstract[f"expert_{k}"]["tower"], e)} for k, e in enumerate(experts)})[1]
   frozen = jax.device_put(frozen, replicated)
-  # The saved train state: step, trainable params, optimizer state.
-  tx = optim.make(config.train)
-  state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
-               opt_state=jax.eval_shape(tx.init, trainable))
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      state)
+  abstract_state = train_state.abstract(trainable, optim.make(config.train),
+                                        replicated)
 
   # Read-only: a training run may still be writing into this workdir.
   ckpt = checkpoints.Checkpointer(run.workdir,
@@ -278,11 +287,27 @@ def load_model(run: Run, checkpoint: str = "best"):
     raise errors.UserError(f"no {checkpoint} checkpoint in {folder}")
   state, meta = restored
   step = int(meta.get("step", state["step"]))
-  logging.info("Restored the %s checkpoint of %s (step %d).", checkpoint,
-               run.workdir, step)
+  where = f"the {checkpoint} checkpoint of {run.workdir} (step {step})"
+  checkpoints.check_towers(
+      meta.get("towers"),
+      checkpoints.tower_fingerprints(experts, [e.name for e in experts]),
+      where)
+  if "thresholds" not in meta:
+    raise errors.UserError(
+        f"{where} holds no thresholds: it was saved between evaluations; "
+        f"use --checkpoint=best, or train on to the end")
+  table = _thresholds(meta["thresholds"], where)
+  if tuple(table) != run.label_names:
+    raise errors.UserError(f"{where} has thresholds for {list(table)}, the "
+                           f"run's labels are {list(run.label_names)}")
+  logging.info("Restored %s.", where)
   model_fn = evaluate.make_model_fn(model)
   params = state["params"]
-  return (lambda x: model_fn(params, frozen, x)), mesh, step
+  return Loaded(
+      fn=lambda x: model_fn(params, frozen, x), mesh=mesh, step=step,
+      thresholds=np.array([np.nan if t is None else float(t)
+                           for t in table.values()]),
+      chosen_on=str(meta["thresholds"].get("chosen_on", "validation data")))
 
 
 # ---------------------------------------------------------------------------
@@ -445,19 +470,20 @@ def run(workdir: str, inputs: Sequence[str], output: Optional[str] = None,
     batch_size = int(r.config.eval.batch_size)
   if batch_size < 1:
     raise errors.UserError(f"--batch_size={batch_size} must be >= 1")
-  fn, mesh, step = load_model(r, checkpoint)
+  loaded = load_model(r, checkpoint)
   # A multiple of the devices, and no larger than the inputs need.
-  devices = mesh.size
+  devices = loaded.mesh.size
   batch_size = -(-min(batch_size, len(paths)) // devices) * devices
   logging.info("Predicting %d image(s) at %d px in batches of %d.",
                len(paths), int(r.config.data.image_size), batch_size)
   kept, probs, skipped = predict_files(
-      fn, mesh, paths, int(r.config.data.image_size), batch_size, skip_bad)
-  write_csv(output, kept, probs, r.label_names, r.thresholds)
-  logging.info("Wrote %d row(s) to %s (thresholds chosen on %s).", len(kept),
-               output, r.chosen_on)
-  return dict(output=output, rows=len(kept), skipped=len(skipped), step=step,
-              labels=list(r.label_names))
+      loaded.fn, loaded.mesh, paths, int(r.config.data.image_size),
+      batch_size, skip_bad)
+  write_csv(output, kept, probs, r.label_names, loaded.thresholds)
+  logging.info("Wrote %d row(s) to %s (thresholds of step %d, chosen on "
+               "%s).", len(kept), output, loaded.step, loaded.chosen_on)
+  return dict(output=output, rows=len(kept), skipped=len(skipped),
+              step=loaded.step, labels=list(r.label_names))
 
 
 # ---------------------------------------------------------------------------

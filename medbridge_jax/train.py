@@ -1,26 +1,39 @@
 """Training and evaluation of MedBridge: `train_and_evaluate(config, workdir)`.
 
-One run: resolve the data and the experts, build the model, initialise or
-resume, train with a jitted data-parallel step over the device mesh,
-evaluate periodically, then evaluate the final model (and, once, the frozen
-experts' zero-shot baseline) and write the report.
+One run, in four steps:
+  set up     data (train / valid / test splits, no shared patient), experts,
+             model, parameters on the mesh, the train state (fresh or
+             resumed), the jitted step, writers;
+  train      the jitted data-parallel step; every `eval_every` steps and at
+             the last step the validation split is evaluated and a
+             checkpoint saved with the thresholds chosen on that evaluation;
+  select     the state with the best validation mean AUROC is the run's
+             model;
+  report     that model (and the frozen experts' zero-shot baseline) on the
+             held-out test split and any extra test sets, with patient-level
+             intervals: report.md, metrics.jsonl, thresholds.json.
 
 Reproducibility: the step's random key is fold_in(seed, step) and the data
 order is a function of (seed, position), so a run resumed from a checkpoint
 computes exactly what the uninterrupted run would have.
 """
 
+import dataclasses
 import functools
+import json
 import os
 import signal
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
 from flax import traverse_util
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -33,12 +46,13 @@ from medbridge_jax import metrics
 from medbridge_jax import optim
 from medbridge_jax import report
 from medbridge_jax import sharding
+from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
 from medbridge_jax.data import resolve
-
-
-# ---------------------------------------------------------------------------
-# Workdir.
+from medbridge_jax.experts import zero_shot
+from medbridge_jax.model import losses
+from medbridge_jax.model import medbridge
+from medbridge_jax.model import partition
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -57,7 +71,149 @@ def prepare_workdir(workdir: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Helpers of the loop.
+# Set up.
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds before its first step."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  lead: bool  # This process writes the files.
+  mesh: Any
+  data: resolve.Data
+  experts: list
+  expert_names: list[str]
+  prompts: list  # Per expert (L, 2, P) label-prompt embeddings.
+  towers: list[dict]  # checkpoints.tower_fingerprints of the experts.
+  model: medbridge.MedBridge
+  frozen: dict  # The experts' towers, on the mesh.
+  state: dict  # train_state: step, trainable params, optimizer state.
+  abstract_state: dict
+  start_step: int
+  feed: Any  # Resumable training batches.
+  ckpt: checkpoints.Checkpointer
+  class_weights: Optional[jax.Array]
+  writer: Any
+  eval_fn: Any  # evaluate.make_model_fn(model).
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Builds a run: resumes from the workdir's newest checkpoint if any."""
+  workdir = prepare_workdir(workdir)
+  experts_setup.announce(config)
+  tc = config.train
+  optim.schedule(tc)  # Validates steps and warm-up early.
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(int(tc.batch_size), mesh, "config.train.batch_size",
+                            int(tc.grad_accum))
+  sharding.check_batch_size(int(config.eval.batch_size), mesh,
+                            "config.eval.batch_size")
+  data = resolve.resolve(config)
+  logging.info("Data: %d train / %d %s / %d %s images, %d labels.",
+               len(data.train.index), len(data.valid.index), data.valid.name,
+               len(data.test.index), data.test.name, len(data.label_names))
+  experts = experts_setup.load(config)
+  names = experts_setup.display_names(experts, bool(config.experts))
+  prompts = [zero_shot.prompt_embeddings(e, list(data.label_names),
+                                         config.zero_shot.positive,
+                                         config.zero_shot.negative)
+             for e in experts]
+  model = medbridge.build(config, experts, data.label_names,
+                          prompt_embeddings=prompts)
+
+  # Parameters laid out directly on the mesh (replicated: data parallel).
+  # The towers come from the loaded experts (checked against the model's
+  # shapes); only MedBridge's own parameters are initialised.
+  replicated = sharding.replicated(mesh)
+  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
+  params = medbridge.init_params(model, init_key, experts,
+                                 int(config.data.image_size), replicated)
+  logging.info("%s.", partition.describe(params))
+  trainable, frozen = partition.split(params)
+  del params
+  tx = optim.make(tc)
+  state = train_state.create(trainable, tx, replicated)
+  abstract_state = train_state.abstract(trainable, tx, replicated)
+
+  weights = losses.class_weights_from_config(
+      config.loss, data.train.targets, data.train.mask)
+  weights = (None if weights is None
+             else jax.device_put(jnp.asarray(weights), replicated))
+  lead = jax.process_index() == 0
+  if lead:
+    report.write_config(workdir, config)
+  run = Run(
+      config=config, workdir=workdir, lead=lead, mesh=mesh, data=data,
+      experts=experts, expert_names=names, prompts=prompts,
+      towers=checkpoints.tower_fingerprints(experts, names), model=model,
+      frozen=frozen, state=state, abstract_state=abstract_state,
+      start_step=0, feed=resolve.train_feed(data, config),
+      ckpt=checkpoints.Checkpointer(workdir, int(tc.keep_checkpoints)),
+      class_weights=weights,
+      writer=metric_writers.create_default_writer(
+          workdir, just_logging=not lead, asynchronous=True),
+      eval_fn=evaluate.make_model_fn(model))
+  _resume(run)
+  return run
+
+
+def _resume(run: Run) -> None:
+  """Restores the newest checkpoint into `run`, or starts the logs afresh."""
+  config_dict = run.config.to_dict()
+  restored = run.ckpt.restore(run.abstract_state, config_dict)
+  if restored is None:
+    if run.lead:
+      report.truncate_jsonl(run.workdir, -1)
+    flat = traverse_util.flatten_dict(config_dict, sep=".")
+    run.writer.write_hparams({k: v for k, v in flat.items()
+                              if isinstance(v, (int, float, str, bool))})
+    return
+  state, meta = restored
+  checkpoints.check_towers(meta.get("towers"), run.towers,
+                           f"the checkpoint at step {meta['step']}")
+  total = int(run.config.train.steps)
+  if int(meta["step"]) > total:
+    raise errors.UserError(
+        f"the workdir's checkpoint is at step {meta['step']}, beyond "
+        f"config.train.steps={total}; use another --workdir")
+  run.state, run.start_step = state, int(meta["step"])
+  run.feed.set_state(meta["data"])
+  logging.info("Resuming at step %d of %d.", run.start_step, total)
+  if run.lead:
+    report.truncate_jsonl(run.workdir, run.start_step)
+
+
+def _meta(run: Run, result: Optional[report.Result] = None) -> dict:
+  """A checkpoint's JSON: data position, config, towers, and (right after
+  an evaluation of this state on validation) its thresholds."""
+  meta = {"data": run.feed.get_state(), "config": run.config.to_dict(),
+          "towers": run.towers}
+  if result is not None:
+    meta["thresholds"] = checkpoints.thresholds_meta(
+        run.data.valid.name, run.data.label_names,
+        metrics.youden_thresholds(result.probs, result.targets, result.mask))
+  return meta
+
+
+def _evaluate(run: Run, params, eval_set, step: int, prefix: str,
+              bootstrap: int = 0) -> report.Result:
+  """MedBridge with trainable `params` on one split, logged."""
+  result = evaluate.evaluate(
+      functools.partial(run.eval_fn, params, run.frozen), eval_set,
+      bootstrap=bootstrap, seed=int(run.config.seed), **_eval_kwargs(run))
+  _log_eval(run.writer, step, eval_set.name, result.summary, prefix)
+  return result
+
+
+def _eval_kwargs(run: Run) -> dict:
+  return dict(batch_size=int(run.config.eval.batch_size), mesh=run.mesh,
+              data_config=run.config.data, label_names=run.data.label_names,
+              mean_labels=tuple(run.config.eval.mean_labels))
+
+
+# ---------------------------------------------------------------------------
+# Train.
 
 
 class _Sigterm:
@@ -82,41 +238,137 @@ class _Sigterm:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
+  def stop_after(self, step: int, tc) -> bool:
+    """Whether to save and stop after this step.
 
-def _stop_requested(sigterm: _Sigterm, step: int, tc) -> bool:
-  """Whether to save and stop after this step because of a SIGTERM.
-
-  On several hosts all must stop at the same step (or the others would wait
-  in the next step's collectives forever), so they agree on log and
-  checkpoint steps only, where a collective costs little.
-  """
-  if jax.process_count() == 1:
-    return sigterm.received
-  if not (_is_due(step, int(tc.checkpoint_every))
-          or _is_due(step, int(tc.log_every))):
-    return False
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = multihost_utils.process_allgather(np.array([sigterm.received]))
-  return bool(np.any(flags))
+    On several hosts all must stop at the same step (or the others would
+    wait in the next step's collectives forever), so they agree on log and
+    checkpoint steps only, where a collective costs little.
+    """
+    if jax.process_count() == 1:
+      return self.received
+    if not (_is_due(step, int(tc.checkpoint_every))
+            or _is_due(step, int(tc.log_every))):
+      return False
+    flags = multihost_utils.process_allgather(np.array([self.received]))
+    return bool(np.any(flags))
 
 
 class NonFiniteLoss(errors.UserError):
   """The loss became NaN or inf (a diverging run: a config problem)."""
 
 
-def _check_finite(step: int, m: dict, last_saved: Optional[int]) -> None:
-  bad = {k: v for k, v in m.items() if not np.isfinite(v)}
-  if bad:
-    kept = (f"the last good checkpoint (step {last_saved}) is kept"
-            if last_saved is not None else "no checkpoint was saved")
-    raise NonFiniteLoss(
-        f"non-finite {', '.join(f'{k}={v}' for k, v in sorted(bad.items()))} "
-        f"at step {step}; stopped, {kept} (check the data, or lower "
-        f"config.train.lr)")
+class _TrainMetrics:
+  """The training metrics between two logs, checked for NaN one step late.
+
+  Reading a step's metrics right after dispatching it would stall the
+  device; reading them after the next step is dispatched costs nothing. At
+  log, eval and checkpoint steps they are read at once (`flush`).
+  """
+
+  def __init__(self):
+    self.last_saved: Optional[int] = None
+    self._pending = None  # (step, device metrics) not yet read.
+    self._interval = []  # Host metrics since the last log.
+
+  def add(self, step: int, m: dict) -> None:
+    self._read_pending()
+    self._pending = (step, m)
+
+  def flush(self) -> None:
+    self._read_pending()
+
+  def mean_and_reset(self) -> dict:
+    out = {k: float(np.mean([x[k] for x in self._interval]))
+           for k in self._interval[-1]} if self._interval else {}
+    self._interval = []
+    return out
+
+  def _read_pending(self) -> None:
+    if self._pending is None:
+      return
+    step, m = self._pending
+    self._pending = None
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    self._interval.append(m)
+    bad = {k: v for k, v in m.items() if not np.isfinite(v)}
+    if bad:
+      kept = (f"the last good checkpoint (step {self.last_saved}) is kept"
+              if self.last_saved is not None else "no checkpoint was saved")
+      raise NonFiniteLoss(
+          f"non-finite {', '.join(f'{k}={v}' for k, v in sorted(bad.items()))}"
+          f" at step {step}; stopped, {kept} (check the data, or lower "
+          f"config.train.lr)")
 
 
 def _is_due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
+
+
+def train(run: Run) -> bool:
+  """Trains from run.start_step to config.train.steps; False if stopped
+  early by SIGTERM (after saving)."""
+  tc = run.config.train
+  total = int(tc.steps)
+  replicated = sharding.replicated(run.mesh)
+  step_fn = jax.jit(
+      train_step_lib.make_train_step(run.model, optim.make(tc),
+                                     optim.schedule(tc), run.config, run.mesh),
+      donate_argnums=(0,),
+      out_shardings=(jax.tree.map(lambda _: replicated, run.abstract_state),
+                     replicated))
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=total, writer=run.writer,
+      every_steps=int(tc.log_every) or None, every_secs=None)
+  bar = _progress_bar(total, run.start_step)
+  watch = _TrainMetrics()
+  watch.last_saved = run.start_step if run.start_step else None
+  try:
+    with _Sigterm() as sigterm:
+      for step in range(run.start_step + 1, total + 1):
+        batch = sharding.to_global(next(run.feed), run.mesh)
+        run.state, m = step_fn(run.state, run.frozen, batch,
+                               run.class_weights)
+        watch.add(step, m)
+        progress(step)
+        if bar is not None:
+          bar.update(1)
+        # The last step is always evaluated: its checkpoint, like every
+        # evaluated one, carries its own thresholds.
+        eval_due = _is_due(step, int(tc.eval_every)) or step == total
+        stop = sigterm.stop_after(step, tc)
+        save_due = _is_due(step, int(tc.checkpoint_every)) or stop
+        if eval_due or save_due or _is_due(step, int(tc.log_every)):
+          watch.flush()
+        if _is_due(step, int(tc.log_every)):
+          run.writer.write_scalars(step, {
+              f"train/{k}": v for k, v in watch.mean_and_reset().items()})
+        elif int(tc.log_every) <= 0:
+          watch.mean_and_reset()  # No logs: keep nothing.
+        result = (_evaluate(run, run.state["params"], run.data.valid, step,
+                            "valid") if eval_due else None)
+        if result is not None and run.lead:
+          report.append_jsonl(run.workdir, evaluate.record(
+              step, run.data.valid.name, result.summary))
+        if save_due or result is not None:
+          if run.ckpt.save(step, run.state, _meta(run, result),
+                           metric=_metric(result), force=stop):
+            watch.last_saved = step
+        if stop and step < total:
+          logging.info("SIGTERM: saved step %d and stopped; rerun the same "
+                       "command to resume.", watch.last_saved)
+          return False
+      watch.flush()
+  finally:
+    if bar is not None:
+      bar.close()
+    run.feed.close()
+    run.ckpt.wait()
+  return True
+
+
+def _metric(result: Optional[report.Result]) -> Optional[float]:
+  return None if result is None else result.summary.mean_auroc
 
 
 def _progress_bar(total: int, initial: int):
@@ -124,19 +376,18 @@ def _progress_bar(total: int, initial: int):
     return None
   try:
     import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  except ImportError:  # Optional: the logs carry the progress too.
     return None
   return tqdm.tqdm(total=total, initial=initial, unit="step",
                    dynamic_ncols=True)
 
 
-def _log_eval(writer, step, set_name, summary, prefix="eval"):
+def _log_eval(writer, step, set_name, summary, prefix):
   scalars = {f"{prefix}/mean_auroc": summary.mean_auroc,
              f"{prefix}/mean_auprc": summary.mean_auprc,
              f"{prefix}/mean_ece": summary.mean_ece}
   for name, v in zip(summary.label_names, summary.auroc):
-    if np.isfinite(v):
-      scalars[f"{prefix}/auroc/{name}"] = v
+    scalars[f"{prefix}/auroc/{name}"] = v
   writer.write_scalars(step, {k: float(v) for k, v in scalars.items()
                               if np.isfinite(v)})
   logging.info("Step %d, %s: mean AUROC %.4f (%d labels%s).", step, set_name,
@@ -146,256 +397,136 @@ def _log_eval(writer, step, set_name, summary, prefix="eval"):
 
 
 # ---------------------------------------------------------------------------
-# The run.
+# Select and report.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict:
-  """Trains, evaluates and writes the report; returns the final record.
+def select(run: Run) -> tuple[dict, dict]:
+  """The (params, checkpoint meta) of the best state on validation (the
+  last one when no validation AUROC was ever defined)."""
+  best = run.ckpt.restore_best(run.abstract_state)
+  if best is None:
+    best = run.ckpt.restore(run.abstract_state, run.config.to_dict())
+  state, meta = best
+  if "thresholds" not in meta:  # Written before thresholds were kept.
+    raise errors.UserError(
+        f"the selected checkpoint (step {meta['step']}) in {run.workdir} "
+        f"holds no thresholds; train afresh in another --workdir")
+  logging.info("Selected step %d (validation mean AUROC %s).", meta["step"],
+               _num(meta.get("best_metric")))
+  return state["params"], meta
 
-  Rerunning with the same workdir resumes from its newest readable
-  checkpoint (a finished run only re-evaluates and rewrites the report).
-  """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.experts import zero_shot  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.model import losses  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.model import medbridge  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
 
-  t_start = time.monotonic()
-  workdir = prepare_workdir(workdir)
-  experts_setup.announce(config)
-  lead = jax.process_index() == 0
-  tc = config.train
-  total_steps = int(tc.steps)
-  schedule = optim.schedule(tc)  # Validates steps and warm-up early.
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(int(tc.batch_size), mesh, "config.train.batch_size",
-                            int(tc.grad_accum))
-  sharding.check_batch_size(int(config.eval.batch_size), mesh,
-                            "config.eval.batch_size")
-
-  data = resolve.resolve(config)
-  label_names = data.label_names
-  logging.info("Data: %d train / %d %s images, %d labels.",
-               len(data.train.index), len(data.eval.index), data.eval.name,
-               len(label_names))
-  experts = experts_setup.load(config)
-  expert_names = experts_setup.display_names(experts, bool(config.experts))
-  prompts = [zero_shot.prompt_embeddings(e, list(label_names),
-                                         config.zero_shot.positive,
-                                         config.zero_shot.negative)
-             for e in experts]
-  model = medbridge.build(config, experts, label_names,
-                          prompt_embeddings=prompts)
-
-  # Parameters laid out directly on the mesh (replicated: data parallel).
-  # The towers come from the loaded experts (checked against the model's
-  # shapes); only MedBridge's own parameters are initialised.
-  replicated = sharding.replicated(mesh)
-  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
-  params = medbridge.init_params(model, init_key, experts,
-                                 int(config.data.image_size), replicated)
-  logging.info("%s.", partition.describe(params))
-  trainable, frozen = partition.split(params)
-  del params
-
-  tx = optim.make(tc)
-  state = dict(step=jnp.zeros((), jnp.int32), params=trainable,
-               opt_state=tx.init(trainable))
-  state = jax.device_put(state, replicated)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      state)
-
-  class_weights = losses.class_weights_from_config(
-      config.loss, data.train.targets, data.train.mask)
-  class_weights = (None if class_weights is None
-                   else jax.device_put(jnp.asarray(class_weights), replicated))
-
-  feed = resolve.train_feed(data, config)
-  if lead:
-    report.write_config(workdir, config)
-  ckpt = checkpoints.Checkpointer(workdir, int(tc.keep_checkpoints))
-  config_dict = config.to_dict()
-  restored = ckpt.restore(abstract_state, config_dict)
-  start_step = 0
-  if restored is not None:
-    state, meta = restored
-    start_step = int(meta["step"])
-    if start_step > total_steps:
-      raise errors.UserError(
-          f"the workdir's checkpoint is at step {start_step}, beyond "
-          f"config.train.steps={total_steps}; use another --workdir")
-    feed.set_state(meta["data"])
-    logging.info("Resuming at step %d of %d.", start_step, total_steps)
-    if lead:
-      report.truncate_jsonl(workdir, start_step)
-  elif lead:
-    report.truncate_jsonl(workdir, -1)
-
-  train_step = jax.jit(
-      train_step_lib.make_train_step(model, tx, schedule, config, mesh), donate_argnums=(0,),
-      out_shardings=(jax.tree.map(lambda _: replicated, abstract_state),
-                     replicated))
-
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=not lead, asynchronous=True)
-  if start_step == 0:
-    flat = traverse_util.flatten_dict(config_dict, sep=".")
-    writer.write_hparams({k: v for k, v in flat.items()
-                          if isinstance(v, (int, float, str, bool))})
-  progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer,
-      every_steps=int(tc.log_every) or None, every_secs=None)
-  bar = _progress_bar(total_steps, start_step)
-  last_saved = start_step if restored is not None else None
-  eval_kwargs = dict(batch_size=int(config.eval.batch_size), mesh=mesh,
-                     data_config=config.data,
-                     label_names=label_names,
-                     mean_labels=tuple(config.eval.mean_labels))
-
-  def save(step, metric=None, force=False):
-    nonlocal last_saved
-    meta = {"data": feed.get_state(), "config": config_dict}
-    if ckpt.save(step, state, meta, metric=metric, force=force):
-      last_saved = step
-
-  model_fn = evaluate.make_model_fn(model)
-
-  def run_eval(step, bootstrap=0, eval_set=None):
-    eval_set = eval_set or data.eval
-    fn = functools.partial(model_fn, state["params"], frozen)
-    result = evaluate.evaluate(fn, eval_set, bootstrap=bootstrap,
-                               seed=int(config.seed), **eval_kwargs)
-    prefix = "eval" if eval_set is data.eval else f"test/{eval_set.name}"
-    _log_eval(writer, step, eval_set.name, result.summary, prefix=prefix)
-    return result
-
-  # -- Training. -------------------------------------------------------------
-  interval = []  # Host metrics since the last log, to average.
-  pending = None  # (step, device metrics) not yet checked.
-  stopped_by_signal = False
-  try:
-    with _Sigterm() as sigterm:
-      for step in range(start_step + 1, total_steps + 1):
-        batch = pipeline.to_global(next(feed), mesh)
-        state, m = train_step(state, frozen, batch, class_weights)
-        # Check the previous step's loss now: reading it here does not stall
-        # the device, which already works on this step.
-        if pending is not None:
-          interval.append(_host(pending[1]))
-          _check_finite(pending[0], interval[-1], last_saved)
-        pending = (step, m)
-        progress(step)
-        if bar is not None:
-          bar.update(1)
-        eval_due = _is_due(step, int(tc.eval_every)) and step < total_steps
-        stop = _stop_requested(sigterm, step, tc)
-        save_due = _is_due(step, int(tc.checkpoint_every)) or stop
-        if eval_due or save_due or _is_due(step, int(tc.log_every)):
-          interval.append(_host(m))
-          pending = None
-          _check_finite(step, interval[-1], last_saved)
-          if _is_due(step, int(tc.log_every)):
-            writer.write_scalars(step, {
-                f"train/{k}": float(np.mean([x[k] for x in interval]))
-                for k in interval[-1]})
-          if _is_due(step, int(tc.log_every)) or int(tc.log_every) <= 0:
-            interval = []
-        metric = None
-        if eval_due:
-          result = run_eval(step)
-          metric = result.summary.mean_auroc
-          if lead:
-            report.append_jsonl(workdir, evaluate.record(
-                step, data.eval.name, result.summary))
-        if save_due or (eval_due and metric is not None):
-          save(step, metric=metric, force=stop)
-        if stop and step < total_steps:
-          stopped_by_signal = True
-          break
-      if pending is not None:
-        _check_finite(pending[0], _host(pending[1]), last_saved)
-  finally:
-    if bar is not None:
-      bar.close()
-    feed.close()
-    ckpt.wait()
-
-  if stopped_by_signal:
-    ckpt.close()
-    writer.close()
-    logging.info("SIGTERM: saved step %d and stopped; rerun the same command "
-                 "to resume.", last_saved)
-    return {"step": last_saved, "stopped": "SIGTERM"}
-
-  # -- Final evaluation. -----------------------------------------------------
-  step = total_steps
-  final = run_eval(step, bootstrap=int(config.eval.bootstrap))
-  save(step, metric=final.summary.mean_auroc, force=True)
-  ckpt.close()
-  sets = {data.eval.name: {"MedBridge": final}}
-  zs_names = {}
-  if config.zero_shot.enabled:
-    for e, p, name in zip(experts, prompts, expert_names):
-      zs_names[name] = f"zero-shot {name}"
-      zs_fn = evaluate.make_zero_shot_fn(e, p)
-      for es in [data.eval] + data.tests:
-        sets.setdefault(es.name, {})[zs_names[name]] = evaluate.evaluate(
-            zs_fn, es, seed=int(config.seed), **eval_kwargs)
-  for es in data.tests:
-    sets[es.name]["MedBridge"] = run_eval(
-        step, bootstrap=int(config.eval.bootstrap), eval_set=es)
-  # MedBridge first in every section: it is the table's subject.
-  sets = {k: {"MedBridge": v["MedBridge"],
-              **{m: r for m, r in v.items() if m != "MedBridge"}}
-          for k, v in sets.items()}
-  records = {}
-  for set_name, results in sets.items():
-    records[set_name] = evaluate.record(
-        step, set_name, results["MedBridge"].summary, final=True,
-        zero_shot={n: _none_if_nan(results[z].summary.mean_auroc)
-                   for n, z in zs_names.items() if z in results})
-  if lead:
+def report_on_tests(run: Run, params, meta: dict) -> dict:
+  """The selected model and the zero-shot baseline on the test split and
+  the extra test sets; writes the report and thresholds.json."""
+  c = run.config
+  step = int(meta["step"])
+  bootstrap = int(c.eval.bootstrap)
+  sets = {}
+  for es in [run.data.test] + list(run.data.extra_tests):
+    sets[es.name] = {"MedBridge": _evaluate(run, params, es, step,
+                                            f"test/{es.name}", bootstrap)}
+    if c.zero_shot.enabled:
+      for e, p, name in zip(run.experts, run.prompts, run.expert_names):
+        sets[es.name][f"zero-shot {name}"] = evaluate.evaluate(
+            evaluate.make_zero_shot_fn(e, p), es, bootstrap=bootstrap,
+            seed=int(c.seed), **_eval_kwargs(run))
+  records = {
+      name: evaluate.record(
+          step, name, results["MedBridge"].summary, final=True,
+          selected_on=run.data.valid.name,
+          valid_mean_auroc=meta.get("best_metric"),
+          zero_shot={n: _none_if_nan(results[f"zero-shot {n}"]
+                                     .summary.mean_auroc)
+                     for n in run.expert_names
+                     if f"zero-shot {n}" in results})
+      for name, results in sets.items()}
+  if run.lead:
     for r in records.values():
-      report.append_jsonl(workdir, r)
-    header = [
-        f"Data: {config.data.dataset} "
-        f"({config.data.root or 'synthetic, generated in the cache'}), "
-        f"{len(data.train.index)} training images, labels: "
-        f"{', '.join(label_names)}.",
-        "Experts: " + ", ".join(
-            f"{n} ({e.path})" for n, e in zip(expert_names, experts))
-        + (" (small random experts, at most briefly pre-trained on generic "
-           "synthetic images: no pretrained weights configured)."
-           if not config.experts else "."),
-        f"Training: {total_steps} steps of batch {tc.batch_size}, seed "
-        f"{config.seed}; mean AUROC over "
-        f"{', '.join(config.eval.mean_labels) or 'all labels'}; 95% CIs from "
-        f"{config.eval.bootstrap} bootstrap resamples.",
-        "Zero-shot: each frozen expert with the label prompts "
-        f"\"{config.zero_shot.positive}\" / \"{config.zero_shot.negative}\".",
-    ]
-    path = report.write(workdir, sets, header)
-    report.write_thresholds(workdir, data.eval.name, label_names,
-                            metrics.youden_thresholds(
-                                final.probs, final.targets, final.mask))
+      report.append_jsonl(run.workdir, r)
+    path = report.write(run.workdir, sets, _report_header(run, meta),
+                        bootstrap=bootstrap, seed=int(c.seed))
+    _write_thresholds(run.workdir, meta["thresholds"])
+    for k, (name, results) in enumerate(sets.items()):
+      _write_predictions(run.workdir, "test" if k == 0 else name,
+                         results["MedBridge"])
     logging.info("Report: %s", path)
-  writer.flush()
-  writer.close()
-  logging.info("Done in %.1f s: %s mean AUROC %.4f.",
-               time.monotonic() - t_start, data.eval.name,
-               final.summary.mean_auroc)
-  return records[data.eval.name]
+  return records[run.data.test.name]
+
+
+def _write_thresholds(workdir: str, thresholds: dict) -> None:
+  """workdir/thresholds.json: those of the selected checkpoint."""
+  with open(os.path.join(workdir, "thresholds.json"), "w") as f:
+    json.dump(thresholds, f, indent=2)
+
+
+def _write_predictions(workdir: str, name: str, result: report.Result
+                       ) -> None:
+  """workdir/predictions_<name>.npz: the selected model's probabilities,
+  targets, mask and patients of one test set, for paired comparisons of two
+  runs on the same images (ablations, method comparisons)."""
+  slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+  np.savez(os.path.join(workdir, f"predictions_{slug}.npz"),
+           probs=result.probs, targets=result.targets, mask=result.mask,
+           patients=np.asarray(result.groups, dtype=str))
+
+
+def _report_header(run: Run, meta: dict) -> list[str]:
+  c, d = run.config, run.data
+  return [
+      f"Data: {c.data.dataset} "
+      f"({c.data.root or 'synthetic, generated in the cache'}), "
+      f"{len(d.train.index)} training images, labels: "
+      f"{', '.join(d.label_names)}.",
+      "Experts: " + ", ".join(
+          f"{n} ({e.path})" for n, e in zip(run.expert_names, run.experts))
+      + (" (small test-bed experts: no pretrained weights configured)."
+         if not c.experts else "."),
+      f"Training: {c.train.steps} steps of batch {c.train.batch_size}, seed "
+      f"{c.seed}. Model: the checkpoint of step {meta['step']}, selected on "
+      f"{d.valid.name} ({len(d.valid.index)} images; mean AUROC "
+      f"{_num(meta.get('best_metric'))}); thresholds chosen there too.",
+      f"Reported on held-out {d.test.name} ({len(d.test.index)} images, no "
+      f"patient shared with training or validation); mean AUROC over "
+      f"{', '.join(c.eval.mean_labels) or 'all labels'}; 95% CIs resample "
+      f"patients ({c.eval.bootstrap} resamples).",
+      "Zero-shot: each frozen expert with the label prompts "
+      f"\"{c.zero_shot.positive}\" / \"{c.zero_shot.negative}\".",
+  ]
+
+
+def _num(x) -> str:
+  return "n/a" if x is None or not np.isfinite(x) else f"{x:.4f}"
 
 
 def _none_if_nan(x: float) -> Optional[float]:
   return float(x) if np.isfinite(x) else None
 
 
-def _host(m: dict) -> dict:
-  return {k: float(v) for k, v in jax.device_get(m).items()}
+# ---------------------------------------------------------------------------
+# The whole run.
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict:
+  """Trains, selects on validation, reports on test; returns the test
+  split's final record.
+
+  Rerunning with the same workdir resumes from its newest readable
+  checkpoint (a finished run only selects and reports again).
+  """
+  t_start = time.monotonic()
+  run = setup(config, workdir)
+  try:
+    if not train(run):
+      return {"step": run.ckpt.latest_step(), "stopped": "SIGTERM"}
+    params, meta = select(run)
+    record = report_on_tests(run, params, meta)
+  finally:
+    run.ckpt.close()
+    run.writer.flush()
+    run.writer.close()
+  logging.info("Done in %.1f s: %s mean AUROC %s (step %d).",
+               time.monotonic() - t_start, run.data.test.name,
+               _num(record["mean_auroc"]), meta["step"])
+  return record

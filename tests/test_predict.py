@@ -29,7 +29,8 @@ def _config():
   """The tiny run without zero-shot; trained on one device (it compiles
   faster), while prediction uses all eight."""
   return tiny_run.tiny_config(**{"zero_shot.enabled": False,
-                                 "eval.bootstrap": 0, "mesh.data": 1})
+                                 "eval.bootstrap": 0, "mesh.data": 1,
+                                 "train.eval_every": 2})
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +38,31 @@ def cache(tmp_path_factory):
   yield from tiny_run.private_cache(tmp_path_factory)
 
 
+# The selection metric is rigged so that the best checkpoint (step 2) is
+# not the last one (step 4): predict must then apply step 2's thresholds
+# with step 2's parameters.
+BEST_STEP = 2
+
+
 @pytest.fixture(scope="module")
 def run(cache, tmp_path_factory):
   """(workdir, config, validation EvalSet, final record) of one finished
-  tiny run."""
+  tiny run whose best checkpoint is not its last."""
   del cache
   config = _config()
   workdir = str(tmp_path_factory.mktemp("run"))
-  record = train.train_and_evaluate(config, workdir)
+  original = checkpoints.Checkpointer.save
+
+  def save(self, step, state, meta, *, metric=None, force=False):
+    if metric is not None and step != BEST_STEP:
+      metric -= 1.0  # Any other evaluated step loses the selection.
+    return original(self, step, state, meta, metric=metric, force=force)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpoints.Checkpointer, "save", save)
+    record = train.train_and_evaluate(config, workdir)
   data = resolve.resolve(config)
-  return workdir, config, data.eval, record
+  return workdir, config, data.valid, record
 
 
 def _read_csv(path):
@@ -60,12 +76,13 @@ def _thresholds(workdir):
     return json.load(f)["thresholds"]
 
 
-def _evaluation_probs(workdir, config, eval_set):
-  """The evaluation pipeline's probabilities of every row of `eval_set`.
+def _evaluation_probs(workdir, config, eval_set, which):
+  """The evaluation pipeline's probabilities of every row of `eval_set`
+  with the `which` ("best" or "latest") checkpoint, and its step.
 
   Built apart from predict.py: towers through medbridge.init_params, the
-  newest periodic checkpoint through Checkpointer.restore, rows through
-  evaluate.predict's data pipeline.
+  checkpoint through Checkpointer, rows through evaluate.predict's data
+  pipeline.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import medbridge  # pylint: disable=g-import-not-at-top
@@ -84,15 +101,17 @@ def _evaluation_probs(workdir, config, eval_set):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       state)
   ckpt = checkpoints.Checkpointer(workdir, 2)
-  restored, meta = ckpt.restore(abstract, config.to_dict())
+  if which == "best":
+    restored, meta = ckpt.restore_best(abstract)
+  else:
+    restored, meta = ckpt.restore(abstract, config.to_dict())
   ckpt.close()
-  assert meta["step"] == config.train.steps
   fn = functools.partial(evaluate.make_model_fn(model), restored["params"],
                          jax.device_put(frozen, replicated))
   probs, seen = evaluate.predict(fn, eval_set, int(config.eval.batch_size),
                                  mesh, config.data)
   assert seen.all()
-  return probs
+  return probs, meta["step"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +134,7 @@ def test_probabilities_equal_the_evaluation_pipeline(run, valid_csv):
   result, header, rows = valid_csv
   root = eval_set.index.root
   assert result["rows"] == len(eval_set.index) and result["skipped"] == 0
-  assert result["step"] == config.train.steps
+  assert result["step"] == record["step"] == BEST_STEP
   labels = list(eval_set.index.label_names)
   assert header == ["path"] + labels + ["positive_labels"]
   # One row per image, in sorted path order.
@@ -124,12 +143,14 @@ def test_probabilities_equal_the_evaluation_pipeline(run, valid_csv):
   assert sorted(os.path.relpath(p, root) for p in paths) == sorted(
       eval_set.index.paths)
   got = _probs(rows)
-  want = _evaluation_probs(workdir, config, eval_set)
+  want, step = _evaluation_probs(workdir, config, eval_set, "best")
+  assert step == BEST_STEP
   order = [eval_set.index.paths.index(os.path.relpath(p, root))
            for p in paths]
   np.testing.assert_allclose(got, want[order], atol=1e-6, rtol=0)
 
-  # The thresholds and the final metrics came from these very images.
+  # The thresholds and the validation metrics came from these very images
+  # and this very checkpoint.
   targets, mask = eval_set.targets[order], eval_set.mask[order]
   chosen = _thresholds(workdir)
   np.testing.assert_allclose(
@@ -137,39 +158,73 @@ def test_probabilities_equal_the_evaluation_pipeline(run, valid_csv):
       [np.nan if chosen[n] is None else chosen[n] for n in labels],
       atol=1e-6)
   summary = metrics.summarize(got, targets, mask, labels)
-  assert summary.mean_auroc == pytest.approx(record["mean_auroc"], abs=1e-6)
+  assert summary.mean_auroc == pytest.approx(record["valid_mean_auroc"],
+                                             abs=1e-6)
 
 
-def test_positive_labels_are_the_thresholds_applied(run, valid_csv):
-  chosen = _thresholds(run[0])
-  _, header, rows = valid_csv
-  labels = header[1:-1]
-  # Written exactly: the CSV's numbers are the float32 probabilities.
-  for r, p in zip(rows, _probs(rows)):
-    assert all(float(np.float32(v)) == v for v in p)
-    want = [n for n, v in zip(labels, p)
-            if chosen[n] is not None and v >= chosen[n]]
-    assert r[-1] == ";".join(want)
-  # Youden thresholds are scores that occur: some rows sit exactly on one.
-  assert any(v == chosen[n] for p in _probs(rows) for n, v in zip(labels, p))
-  assert any(r[-1] for r in rows) and not all(
-      r[-1] == ";".join(labels) for r in rows)
+def test_each_checkpoint_brings_its_own_thresholds(run, tmp_path):
+  """Best and latest differ here: each is applied with the thresholds
+  chosen on validation for that very state, not the other's."""
+  workdir, config, eval_set, _ = run
+  root = eval_set.index.root
+  files = [os.path.join(root, p) for p in eval_set.index.paths]
+  labels = list(eval_set.index.label_names)
+  chosen = {}
+  for which in ("best", "latest"):
+    out = str(tmp_path / f"{which}.csv")
+    result = predict.run(workdir, files, output=out, checkpoint=which)
+    probs, step = _evaluation_probs(workdir, config, eval_set, which)
+    assert result["step"] == step
+    _, rows = _read_csv(out)
+    np.testing.assert_allclose(_probs(rows), probs, atol=1e-6, rtol=0)
+    want = metrics.youden_thresholds(probs, eval_set.targets, eval_set.mask)
+    for r, p in zip(rows, _probs(rows)):
+      listed = r[-1].split(";") if r[-1] else []
+      for n, v, t in zip(labels, p, want):
+        if np.isfinite(t) and abs(v - t) > 1e-6:  # Off the threshold itself.
+          assert (n in listed) == (v > t), (which, n, v, t)
+    chosen[which] = want
+  assert result["step"] == config.train.steps != BEST_STEP
+  assert not np.allclose(chosen["best"], chosen["latest"], equal_nan=True)
 
 
-def test_latest_checkpoint_and_explicit_files(run, valid_csv, tmp_path):
+def test_other_towers_are_refused(run, tmp_path):
+  """An expert folder edited after training (one weight moved by 1e-3):
+  the checkpoint's trainable parameters no longer belong to it, and
+  predict says which expert."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  workdir, config, eval_set, _ = run
+  folder = experts_setup.expert_paths(config)[0][1]
+  file = os.path.join(folder, "model.safetensors")
+  kept = str(tmp_path / "original.safetensors")
+  shutil.copy(file, kept)
+  weights = safetensors.numpy.load_file(file)
+  name = next(k for k in sorted(weights) if k.startswith("vision_model.")
+              and weights[k].ndim == 2)
+  weights[name] = weights[name] + np.float32(1e-3)
+  image = os.path.join(eval_set.index.root, eval_set.index.paths[0])
+  try:
+    safetensors.numpy.save_file(weights, file)
+    with pytest.raises(errors.UserError,
+                       match=rf"expert 1 \(.*{os.path.basename(folder)}\): "
+                             r"its tower weights differ"):
+      predict.run(workdir, [image], output=str(tmp_path / "p.csv"))
+  finally:
+    shutil.copy(kept, file)
+
+
+def test_explicit_files_in_given_order(run, valid_csv, tmp_path):
   workdir, _, eval_set, _ = run
   root = eval_set.index.root
   files = [os.path.join(root, p) for p in eval_set.index.paths[:3]]
-  out = str(tmp_path / "latest.csv")
+  out = str(tmp_path / "explicit.csv")
   # A comma-separated value, a repeat of a file: each image once, as given.
   result = predict.run(workdir, [f"{files[2]},{files[0]}", files[2],
-                                 files[1]],
-                       output=out, checkpoint="latest", batch_size=3)
+                                 files[1]], output=out, batch_size=3)
   assert result["rows"] == 3
   _, rows = _read_csv(out)
   assert [r[0] for r in rows] == [files[2], files[0], files[1]]
-  # The run's last checkpoint is also its best: the same probabilities
-  # (from batches of another size).
+  # The same probabilities as the whole folder's (batches of another size).
   best = {os.path.realpath(r[0]): r for r in valid_csv[2]}
   np.testing.assert_allclose(
       _probs(rows), _probs([best[os.path.realpath(f)] for f in

@@ -8,6 +8,7 @@ NaN checkpoint; 1 and 8 devices agree.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,22 +37,50 @@ def _final(workdir):
 
 
 def test_one_run_end_to_end(cache, tmp_path):
+  from sklearn import metrics as sk  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   # bf16 compute and gradient accumulation ride along at no extra cost.
   config = tiny_config(**{"model.compute_dtype": "bfloat16",
                           "train.grad_accum": 2, "train.batch_size": 16})
   record = train.train_and_evaluate(config, workdir)
   assert record["final"] and record["step"] == 4
-  assert 0.0 <= record["mean_auroc"] <= 1.0
+  assert record["set"] == "synthetic/test"
+  assert record["selected_on"] == "synthetic/valid"
   assert set(record["zero_shot"]) == {"clip (random)", "siglip (random)"}
   assert _final(workdir)["mean_auroc"] == record["mean_auroc"]
+
+  # The reported numbers are the held-out test split's, recomputed here
+  # with scikit-learn from the saved probabilities of its very rows.
+  data = resolve.resolve(config)
+  saved = np.load(os.path.join(workdir, "predictions_test.npz"))
+  np.testing.assert_array_equal(saved["patients"], data.test.index.patients)
+  np.testing.assert_array_equal(saved["targets"], data.test.targets)
+  assert not set(saved["patients"]) & set(data.valid.index.patients)
+  aurocs = []
+  for j, name in enumerate(data.label_names):
+    keep = saved["mask"][:, j] > 0
+    y = saved["targets"][keep, j]
+    if 0 < y.sum() < len(y):
+      want = sk.roc_auc_score(y, saved["probs"][keep, j])
+      assert record["auroc"][name] == pytest.approx(want, abs=1e-9), name
+      aurocs.append(want)
+    else:
+      assert record["auroc"][name] is None, name
+  assert record["mean_auroc"] == pytest.approx(np.mean(aurocs), abs=1e-9)
+
   text = open(os.path.join(workdir, "report.md")).read()
   assert "Mean AUROC" in text and "zero-shot clip (random) AUROC" in text
+  assert "patient-level bootstrap" in text
   files = os.listdir(os.path.join(workdir, "report"))
-  assert {"report.md", "metrics.csv", "roc_synthetic_valid.png"} <= set(files)
+  assert {"report.md", "metrics.csv", "roc_synthetic_test.png"} <= set(files)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  # thresholds.json: those stored with the selected checkpoint.
+  c = checkpoints.Checkpointer(workdir, 2)
+  _, best_meta = c.restore_best(None)
+  c.close()
   with open(os.path.join(workdir, "thresholds.json")) as f:
-    assert set(json.load(f)["thresholds"]) == set(record["auroc"])
+    assert json.load(f) == best_meta["thresholds"]
+  assert set(best_meta["thresholds"]["thresholds"]) == set(record["auroc"])
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["compute_dtype"] == "bfloat16"
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
@@ -60,6 +89,35 @@ def test_one_run_end_to_end(cache, tmp_path):
   again = train.train_and_evaluate(config, workdir)
   assert again["auroc"] == record["auroc"]
   assert len([r for r in report.read_jsonl(workdir) if r.get("final")]) == 1
+
+
+def test_resuming_with_other_towers_is_refused(cache, tmp_path):
+  """A checkpoint's queries and heads belong to the towers they were
+  trained with: resuming over an edited expert folder names the expert."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  del cache
+  config = tiny_config(**{"train.steps": 2, "zero_shot.enabled": False})
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  folder = experts_setup.expert_paths(config)[0][0]
+  file = os.path.join(folder, "model.safetensors")
+  kept = str(tmp_path / "original.safetensors")
+  shutil.copy(file, kept)
+  weights = safetensors.numpy.load_file(file)
+  name = next(k for k in sorted(weights) if k.startswith("vision_model.")
+              and weights[k].ndim == 2)
+  weights[name] = weights[name] + np.float32(1e-3)
+  try:
+    safetensors.numpy.save_file(weights, file)
+    config.train.steps = 4
+    with pytest.raises(errors.UserError,
+                       match=r"expert 0 \(clip \(random\), .*\): its tower "
+                             r"weights differ from those the checkpoint at "
+                             r"step 2 was trained with"):
+      train.train_and_evaluate(config, workdir)
+  finally:
+    shutil.copy(kept, file)
 
 
 def _run_cli(workdir, flags, cache_dir):
