@@ -9,8 +9,9 @@ Written into the workdir:
   report/roc_*.png     ROC curves, one figure per evaluated set.
   report.md            the same report at the top of the workdir (its image
                        links point into report/).
-  thresholds.json      per-label decision thresholds chosen on the evaluation
-                       split (Youden's J), for prediction.
+  thresholds.json      the selected checkpoint's per-label decision
+                       thresholds, chosen on the validation split (Youden's
+                       J), for prediction (written by train.py).
   config.json          the run's full config.
 """
 
@@ -95,18 +96,6 @@ def truncate_jsonl(workdir: str, after_step: int) -> None:
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
       for r in kept:
         f.write(json.dumps(r, sort_keys=True, allow_nan=False) + "\n")
-
-
-def write_thresholds(workdir: str, set_name: str, label_names: Sequence[str],
-                     thresholds: np.ndarray) -> str:
-  """Writes workdir/thresholds.json: {label: threshold or null, ...}."""
-  path = os.path.join(workdir, "thresholds.json")
-  body = {"chosen_on": set_name, "rule": "max sensitivity + specificity - 1",
-          "thresholds": {n: float(t) if np.isfinite(t) else None
-                         for n, t in zip(label_names, thresholds)}}
-  with open(path, "w") as f:
-    json.dump(body, f, indent=2)
-  return path
 
 
 def write_config(workdir: str, config) -> str:

@@ -200,7 +200,6 @@ def test_resolve_reads_the_official_test_labels(root):
   assert (data.valid.name, data.test.name) == ("chexpert/valid",
                                                 "chexpert/test")
   assert data.sources["test"] == "CheXpert-v1.0-small/test_labels.csv"
-  assert data.eval is data.valid  # The old name, until callers move over.
 
 
 TEST_LABELS = TEST[0][TEST[0].index(","):]

@@ -55,16 +55,6 @@ class Data:
   extra_tests: list[evaluate.EvalSet]  # config.data.test_datasets.
   sources: dict[str, str]  # train | valid | test -> where its rows came from.
 
-  @property
-  def eval(self) -> evaluate.EvalSet:
-    """Old name of `valid`, kept while callers move over."""
-    return self.valid
-
-  @property
-  def tests(self) -> list[evaluate.EvalSet]:
-    """Old name of `extra_tests`, kept while callers move over."""
-    return self.extra_tests
-
 
 def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
           where: str = "config.data.root") -> tuple[str, str]:
