@@ -50,6 +50,7 @@ from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
 from medbridge_jax.data import resolve
 from medbridge_jax.experts import zero_shot
+from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import losses
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import partition
@@ -121,6 +122,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              for e in experts]
   model = medbridge.build(config, experts, data.label_names,
                           prompt_embeddings=prompts)
+  logging.info("%s.", focal_sampling.summary(focal_sampling.describe(
+      int(config.data.image_size), [int(e.image_size) for e in experts],
+      config.model.focal)))
 
   # Parameters laid out directly on the mesh (replicated: data parallel).
   # The towers come from the loaded experts (checked against the model's

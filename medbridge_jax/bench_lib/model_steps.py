@@ -122,7 +122,7 @@ class Setup:
     return focal_sampling.num_views(
         size, size, crop=s.crop_for(self.side), num_local=s.num_local,
         train=train_mode, overlap=s.eval_overlap,
-        train_windows=s.train_windows)
+        train_windows=s.train_windows, global_view=s.global_view)
 
   def attention(self, differentiated: bool) -> Optional[str]:
     """The kernel `layers.choose_attention` picks for this expert's path."""
