@@ -44,6 +44,8 @@ setuptools.setup(
     description="MedBridge in JAX: focal sampling, query-encoder and mixture of "
     "frozen vision-language experts for chest X-ray diagnosis.",
     packages=setuptools.find_packages(include=["medbridge_jax", "medbridge_jax.*"]),
+    # The shipped test-bed experts: Hugging Face folders under the package.
+    package_data={"medbridge_jax.experts.testbed": ["README.md", "*/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -12,9 +12,12 @@ import ml_collections
 RANDOM_EXPERT_SHAPES = ("clip:width=64,layers=4,heads=4,patch=8,image=64",
                         "siglip:width=48,layers=4,heads=4,patch=8,image=48")
 # ... given sight by this many steps of generic pre-training (experts.pretrain:
-# small blobs and lines on textures, no chest X-rays; about 3 min on 2 CPU
-# cores, once). Without it a random ViT cannot see a finding smaller than a
-# patch and focal sampling has nothing to show (README, Ablation).
+# small blobs and lines on textures, no chest X-rays). Without it a random ViT
+# cannot see a finding smaller than a patch and focal sampling has nothing to
+# show (README, Ablation). Pre-trained once and shipped (experts.testbed), so
+# every machine loads the same experts; changing these means regenerating
+# them (python -m medbridge_jax.experts.testbed), else each machine
+# pre-trains its own for minutes.
 PRETRAIN_STEPS = 1500
 
 

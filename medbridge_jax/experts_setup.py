@@ -1,15 +1,16 @@
 """From `config.experts` / `config.random_experts` to loaded `Expert`s.
 
 Real checkpoints are local Hugging Face folders named in `config.experts`.
-When none are named, the small random experts described by
-`config.random_experts` are written once as Hugging Face folders into the
-cache (`$MEDBRIDGE_CACHE`, default ~/.cache/medbridge_jax) and loaded through
-the same `experts.load` real checkpoints use. Nothing here touches the
-network.
+When none are named, the small test-bed experts described by
+`config.random_experts` are used: the embedded default's pre-trained ones
+ship with the package (`experts.testbed`) and are loaded from there, the
+same on every machine; any other spec is written once as a Hugging Face
+folder into the cache (`$MEDBRIDGE_CACHE`, default ~/.cache/medbridge_jax).
+All load through the same `experts.load` real checkpoints use. Nothing here
+touches the network.
 """
 
 import os
-import re
 import shutil
 import tempfile
 from typing import Sequence
@@ -37,19 +38,23 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return DTYPES[name]
 
 
-def _folder_name(spec: str, seed: int) -> str:
-  return re.sub(r"[^A-Za-z0-9=.-]+", "_", spec) + f"-seed{seed}"
-
-
 def random_expert_folder(spec: str, seed: int, root: str | None = None) -> str:
-  """The cached Hugging Face folder of random expert `spec`, written once.
+  """The Hugging Face folder of test-bed expert `spec` with `seed`.
 
-  It is written to a temporary folder and renamed into place, so a run
-  killed while writing never leaves a half folder that later runs would load.
+  The shipped folder when one was made from this spec, seed and recipe
+  (`experts.testbed.find`), used in place: nothing is written, and a cached
+  copy can never go stale when the shipped weights are regenerated.
+  Otherwise the cached folder, written once: to a temporary folder renamed
+  into place, so a run killed while writing never leaves a half folder that
+  later runs would load.
   """
   from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import testbed  # pylint: disable=g-import-not-at-top
+  shipped = testbed.find(spec, seed)
+  if shipped:
+    return shipped
   root = os.path.join(root or cache_dir(), "experts")
-  path = os.path.join(root, _folder_name(spec, seed))
+  path = os.path.join(root, testbed.folder_name(spec, seed))
   if os.path.isdir(path):
     return path
   try:
@@ -105,20 +110,28 @@ def as_list(value, name: str) -> list[str]:
 
 
 def announce(config: ml_collections.ConfigDict) -> None:
-  """Says in one line, at start, when small random experts stand in."""
+  """Says in one line, at start, when small test-bed experts stand in."""
   if config.experts:
     return
   from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import testbed  # pylint: disable=g-import-not-at-top
   specs = as_list(config.random_experts, "config.random_experts")
   pretrained = any(random_experts.parse_spec(s)[1]["pretrain"] for s in specs)
+  # Seeds are positions, as in expert_paths.
+  shipped = sum(testbed.find(s, i) is not None for i, s in enumerate(specs))
+  where = []
+  if shipped:
+    where.append(f"{shipped} shipped with the package ({testbed.ROOT})")
+  if shipped < len(specs):
+    where.append(f"{len(specs) - shipped} written once to "
+                 f"{os.path.join(cache_dir(), 'experts')}")
   logging.info(
       "No pretrained experts configured (config.experts): using %d small "
-      "randomly initialised experts (%s)%s, written once to %s.", len(specs),
-      "; ".join(specs),
-      (" whose vision towers get pretrain=N steps of generic synthetic "
-       "pre-training (blobs and lines on textures; no chest X-rays, no real "
-       "weights)") if pretrained else "",
-      os.path.join(cache_dir(), "experts"))
+      "test-bed experts, not real weights (%s): randomly initialised%s; %s.",
+      len(specs), "; ".join(specs),
+      (", vision towers given pretrain=N steps of generic synthetic "
+       "pre-training (shapes on textures; no chest X-rays)")
+      if pretrained else "", ", ".join(where))
 
 
 def load(config: ml_collections.ConfigDict) -> list:

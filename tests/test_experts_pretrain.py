@@ -7,12 +7,15 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from medbridge_jax import default_config
 from medbridge_jax import experts
 from medbridge_jax import experts_setup
+from medbridge_jax.errors import UserError
 from medbridge_jax.experts import pretrain
 from medbridge_jax.experts import random_experts
 
@@ -47,38 +50,87 @@ def test_targets_on_a_hand_made_batch():
   blobs[0, 2, 2] = 0.3  # too faint a coverage to count
   lines = np.zeros_like(image)
   lines[0, 3, :] = 1.0  # through both top patches
+  squares = np.zeros_like(image)
+  squares[0, 9:15, 1:7] = 1.0  # bottom-left patch
   t = pretrain.targets({
       "image": jnp.asarray(image), "blobs": jnp.asarray(blobs),
-      "lines": jnp.asarray(lines), "num_blobs": jnp.asarray([1]),
-      "num_lines": jnp.asarray([0])}, p)
+      "lines": jnp.asarray(lines), "squares": jnp.asarray(squares),
+      "num_blobs": jnp.asarray([1]), "num_lines": jnp.asarray([0]),
+      "num_squares": jnp.asarray([1])}, p)
   np.testing.assert_array_equal(t["token_blob"][0], [0, 0, 0, 1])
   np.testing.assert_array_equal(t["token_line"][0], [1, 1, 0, 0])
+  np.testing.assert_array_equal(t["token_square"][0], [0, 0, 1, 0])
   values = np.asarray(t["token_values"][0])
   np.testing.assert_allclose(values[:, 0], [0, 0.4, 0.4, 0], atol=1e-6)
   # Bottom-left patch: 2x2 means (0.8, 0.8, 0, 0) around their mean 0.4.
   np.testing.assert_allclose(values[2, 1:], 4 * np.array([0.4, 0.4, -0.4,
                                                           -0.4]), atol=1e-5)
-  np.testing.assert_array_equal(t["image_flags"][0], [1, 0])
+  np.testing.assert_array_equal(t["image_flags"][0], [1, 0, 1])
   thumb = np.asarray(t["image_values"][0]).reshape(4, 4)
   np.testing.assert_allclose(thumb[:2, 2:], 0.4, atol=1e-6)
   np.testing.assert_allclose(thumb[2, :2], 0.8, atol=1e-6)
   np.testing.assert_allclose(thumb[3, :2], 0.0, atol=1e-6)
 
 
-def test_generic_images_are_consistent_and_deterministic():
-  a = pretrain.generic_images(jax.random.key(3), 64, 32)
-  b = pretrain.generic_images(jax.random.key(3), 64, 32)
+@pytest.mark.parametrize("shapes,drawn", [("all", ("blob", "line")),
+                                          ("heldout", ("square",))])
+def test_generic_images_are_consistent_and_deterministic(shapes, drawn):
+  a = pretrain.generic_images(jax.random.key(3), 64, 32, shapes)
+  b = pretrain.generic_images(jax.random.key(3), 64, 32, shapes)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   image = np.asarray(a["image"])
   assert image.shape == (64, 32, 32)
   assert image.min() >= 0 and image.max() <= 1
-  # A coverage map is empty exactly when the image has none of the thing.
-  has_blob = np.asarray(a["blobs"]).max(axis=(1, 2)) > 0.5
-  has_line = np.asarray(a["lines"]).max(axis=(1, 2)) > 0.5
-  np.testing.assert_array_equal(has_blob, np.asarray(a["num_blobs"]) > 0)
-  np.testing.assert_array_equal(has_line, np.asarray(a["num_lines"]) > 0)
-  assert 0 < has_blob.mean() < 1 and 0 < has_line.mean() < 1
+  # A coverage map is empty exactly when the image has none of the thing;
+  # each variant draws its own things only.
+  for thing in pretrain.FLAGS:
+    has = np.asarray(a[thing + "s"]).max(axis=(1, 2)) > 0.5
+    np.testing.assert_array_equal(has, np.asarray(a[f"num_{thing}s"]) > 0)
+    if thing in drawn:
+      assert 0 < has.mean() < 1, thing
+    else:
+      assert not has.any(), thing
+
+
+def _narrow_things(image, threshold=0.15, area=4):
+  """Bright or dark structures no 4x4 square fits in (top-hats), of at least
+  `area` pixels and `threshold` contrast: blobs, lines, not squares of 5+ px
+  sides, plateaus or smooth texture. Independent of the generator's maps."""
+  opened = ndimage.grey_opening(image, size=(4, 4))
+  closed = ndimage.grey_closing(image, size=(4, 4))
+  narrow = np.maximum(image - opened, closed - image) > threshold
+  labels, n = ndimage.label(narrow)
+  sizes = ndimage.sum(narrow, labels, index=range(1, n + 1)) if n else []
+  return int(np.sum(np.asarray(sizes) >= area))
+
+
+@pytest.mark.parametrize("side", [48, 64])
+def test_heldout_images_draw_no_blobs_and_no_thin_lines(side):
+  key = jax.random.key(11)
+  held = pretrain.generic_images(key, 128, side, "heldout")
+  t = pretrain.targets(held, 8)
+  for k in ("token_blob", "token_line"):
+    assert not np.asarray(t[k]).any(), k
+  assert not np.asarray(t["image_flags"])[:, :2].any()
+  assert np.asarray(t["token_square"]).any()
+  # The independent check: first that it sees the blobs and lines of the
+  # "all" images (and nothing in those without), then that it finds
+  # (almost) none in the held-out ones. What it still finds there is where
+  # a square meets a blurred edge.
+  every = pretrain.generic_images(key, 128, side, "all")
+  found = np.array([_narrow_things(im) for im in np.asarray(every["image"])])
+  small = np.asarray(every["num_blobs"] + every["num_lines"]) > 0
+  assert (found[small] > 0).mean() > 0.75
+  assert (found[~small] > 0).mean() < 0.05
+  held_found = np.array([_narrow_things(im)
+                         for im in np.asarray(held["image"])])
+  assert (held_found > 0).mean() < 0.1, (held_found > 0).mean()
+
+
+def test_unknown_shapes_are_named():
+  with pytest.raises(UserError, match="pretrain_shapes='disks'"):
+    pretrain.generic_images(jax.random.key(0), 2, 16, "disks")
 
 
 def _token_blob_auroc(model, variables, vision, key):
@@ -144,7 +196,9 @@ def test_written_folder_is_pretrained_vision_with_the_same_text(tmp_path):
                              expert.normalize(images)))
 
 
-def test_start_up_line_says_how_the_experts_were_made(caplog):
+def test_start_up_line_says_how_the_experts_were_made(caplog, tmp_path,
+                                                     monkeypatch):
+  monkeypatch.setenv("MEDBRIDGE_CACHE", str(tmp_path))
   config = default_config.get_default()
   with caplog.at_level(logging.INFO):
     experts_setup.announce(config)
@@ -152,6 +206,12 @@ def test_start_up_line_says_how_the_experts_were_made(caplog):
     experts_setup.announce(config)
   pretrained, plain = [r.getMessage() for r in caplog.records
                        if "No pretrained experts configured" in r.getMessage()]
+  for line in (pretrained, plain):
+    assert "small test-bed experts, not real weights" in line
   assert f"pretrain={default_config.PRETRAIN_STEPS}" in pretrained
   assert "generic synthetic pre-training" in pretrained
+  assert "2 shipped with the package" in pretrained
+  assert "written once" not in pretrained
   assert "pre-training" not in plain and "pretrain=" not in plain
+  assert "shipped" not in plain
+  assert f"2 written once to {tmp_path}" in plain

@@ -33,6 +33,10 @@ def _digest(path):
     ("clip:width=8,layers=1,heads=1,patch=8,image=20", "not a multiple"),
     ("clip:width=8,layers=0,heads=1,patch=8,image=16", "positive"),
     ("clip:width=8,layers=1,heads=1,patch=8,image=16,pretrain=-1", "0 or more"),
+    ("clip:width=8,layers=1,heads=1,patch=8,image=16,pretrain=5,"
+     "pretrain_shapes=disks", "pretrain_shapes must be one of all, heldout"),
+    ("clip:width=8,layers=1,heads=1,patch=8,image=16,"
+     "pretrain_shapes=heldout", "pretrain_shapes needs pretrain=STEPS"),
 ])
 def test_bad_specs(spec, match, tmp_path):
   with pytest.raises(UserError, match=match):
@@ -45,7 +49,11 @@ def test_spec_defaults():
   assert family == "siglip"
   assert v["mlp"] == 192 and v["proj"] == 48 and v["text_len"] == 64
   assert v["text_width"] == 32 and v["text_layers"] == 2
-  assert v["pretrain"] == 0
+  assert v["pretrain"] == 0 and v["pretrain_shapes"] == "all"
+  _, v = random_experts.parse_spec(
+      "clip:width=8,layers=1,heads=1,patch=8,image=16,pretrain=2,"
+      "pretrain_shapes=heldout")
+  assert v["pretrain"] == 2 and v["pretrain_shapes"] == "heldout"
 
 
 def test_default_experts_are_the_shapes_pretrained():

@@ -9,19 +9,28 @@ nodule is, the one-expert MedBridge branch reaches AUROC 0.69;
 benchmarks/focal_zoom.py). Then focal sampling has nothing to show, however
 well MedBridge learns; that is a property of the test bed, not of the method.
 
-So the embedded default's experts are pre-trained here (1,500 steps by
-default) on a generic synthetic task that knows nothing of chest X-rays:
+So the embedded default's experts are pre-trained here
+(`default_config.PRETRAIN_STEPS` steps of batch BATCH) on a generic synthetic
+task that knows nothing of chest X-rays:
 images of smooth multi-scale texture, soft shapes and step edges, with
 small blobs (1-3 px radius) and thin lines (about 1 px wide) of either
 polarity scattered over them. The whole vision tower learns to predict,
-per patch token, whether a blob or a line lies in the patch, the patch's
-mean and its 2x2 detail; and from the pooled image feature (the one the
-expert's own pooling gives), whether the image holds any blob or line and
-a 4x4 thumbnail of the image. The text tower stays random.
+per patch token, whether a blob, a line (or a square) lies in the patch,
+the patch's mean and its 2x2 detail; and from the pooled image feature (the
+one the expert's own pooling gives), whether the image holds any of them
+and a 4x4 thumbnail of the image. The text tower stays random.
 
-`pretrain(vision, params, steps, seed)` returns the vision params after
-training; `random_experts.write` calls it for specs with `pretrain=STEPS`.
-Deterministic for a given platform; the folder is written once and cached.
+`shapes="heldout"` draws images that never show the synthetic findings'
+shapes: no disks or blobs, no thin lines; soft rectangles instead of
+ellipses, and small squares (5-8 px sides) as the small things to find.
+It asks how much of what focal sampling gains needs the pre-training to
+have seen the very shapes of the findings.
+
+`pretrain(vision, params, steps, seed, shapes=...)` returns the vision
+params after training; `random_experts.write` calls it for specs with
+`pretrain=STEPS`. Deterministic only for a given platform (XLA's CPU code
+differs between CPUs), which is why the default experts ship with the
+package (`experts.testbed`).
 """
 
 from typing import Callable, Dict, Optional, Tuple
@@ -32,19 +41,50 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medbridge_jax.errors import UserError
 from medbridge_jax.experts.expert import FAMILY_MEAN_STD, normalize_pixels
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 
 Array = jax.Array
+# 1,500 steps of 64 images at 1e-3 (default_config.PRETRAIN_STEPS). A fifth
+# of the images (600 steps of 32 at 3e-3) learnt the generic task as well
+# but left the CLIP-like expert's 64 px nodule crops at AUROC 0.74 instead
+# of 0.96 (benchmarks/focal_zoom.py --inject=-2 --queries=4 --crops=64).
 BATCH = 64
 LEARNING_RATE = 1e-3
 MAX_BLOBS = 4
 MAX_LINES = 2
+MAX_SQUARES = 4  # One per quadrant.
+SQUARE_SIDES = (5.0, 8.0)  # Wide enough that no square looks like a blob.
 THUMB = 4  # Global target: a THUMB x THUMB thumbnail of the image.
-TASK = ("generic synthetic images (multi-scale texture, soft shapes, step "
-        "edges, small blobs of radius 1-3 px and thin lines, no chest "
-        "X-rays); targets: per patch blob/line present, mean and 2x2 detail; "
-        "per image any blob/line and a 4x4 thumbnail")
+FLAGS = ("blob", "line", "square")  # Per patch and per image, in this order.
+SHAPES = ("all", "heldout")
+TASK = {
+    "all": ("generic synthetic images (multi-scale texture, soft ellipses, "
+            "step edges, small blobs of radius 1-3 px and thin lines, no "
+            "chest X-rays); targets: per patch blob/line present, mean and "
+            "2x2 detail; per image any blob/line and a 4x4 thumbnail"),
+    "heldout": ("generic synthetic images without the findings' shapes "
+                "(multi-scale texture, soft rectangles, step edges, small "
+                "squares of 5-8 px sides; no blobs or disks, no thin lines, "
+                "no chest X-rays); targets: per patch square present, mean "
+                "and 2x2 detail; per image any square and a 4x4 thumbnail"),
+}
+
+
+def check_shapes(shapes: str) -> str:
+  if shapes not in SHAPES:
+    raise UserError(f"pretrain_shapes={shapes!r}: expected one of "
+                    f"{', '.join(SHAPES)}")
+  return shapes
+
+
+def recipe(shapes: str = "all") -> Dict[str, object]:
+  """What, besides spec and seed, decides the pre-trained weights."""
+  return {"shapes": check_shapes(shapes), "task": TASK[shapes],
+          "batch": BATCH, "learning_rate": LEARNING_RATE,
+          "schedule": "warmup min(100, steps/10), cosine; adamw wd 1e-4, "
+                      "clip 1.0"}
 
 
 # ---- Generic images ---------------------------------------------------------
@@ -62,12 +102,16 @@ def _grid(side: int) -> Tuple[Array, Array]:
   return r[:, None] * jnp.ones((1, side)), jnp.ones((side, 1)) * r[None, :]
 
 
-def generic_images(key: Array, batch: int, side: int) -> Dict[str, Array]:
+def generic_images(key: Array, batch: int, side: int,
+                   shapes: str = "all") -> Dict[str, Array]:
   """A batch of generic images and where their small things are.
 
-  Returns "image" (B, S, S) in [0, 1], "blobs" and "lines" (B, S, S)
-  coverage maps in [0, 1], "num_blobs" and "num_lines" (B,).
+  Returns "image" (B, S, S) in [0, 1], "blobs", "lines" and "squares"
+  (B, S, S) coverage maps in [0, 1], "num_blobs", "num_lines" and
+  "num_squares" (B,). `shapes="all"` draws soft ellipses, blobs and lines
+  (no squares); "heldout" soft rectangles and squares (no blobs or lines).
   """
+  check_shapes(shapes)
   keys = iter(jax.random.split(key, 64))
   u = lambda lo, hi, shape=(): jax.random.uniform(next(keys), (batch,) + shape,
                                                   minval=lo, maxval=hi)
@@ -78,23 +122,45 @@ def generic_images(key: Array, batch: int, side: int) -> Dict[str, Array]:
                        (32, 0.1)):
     img += u(0.0, amp)[:, None, None] * _smooth_noise(next(keys), batch,
                                                       side, feature)
-  # Soft ellipses (organ-like shapes) and one step edge.
+  # Soft ellipses (organ-like shapes), or rectangles, and one step edge.
   for _ in range(3):
     cy, cx = u(0, side), u(0, side)
     ry, rx = u(0.08, 0.4) * side, u(0.08, 0.4) * side
-    soft = u(0.5, 4.0)
-    d = jnp.sqrt(((rows - cy[:, None, None]) / ry[:, None, None]) ** 2 +
-                 ((cols - cx[:, None, None]) / rx[:, None, None]) ** 2)
-    shape = jax.nn.sigmoid((1.0 - d) * ry[:, None, None] / soft[:, None, None])
+    if shapes == "all":
+      soft = u(0.5, 4.0)
+      d = jnp.sqrt(((rows - cy[:, None, None]) / ry[:, None, None]) ** 2 +
+                   ((cols - cx[:, None, None]) / rx[:, None, None]) ** 2)
+      shape = jax.nn.sigmoid((1.0 - d) * ry[:, None, None] /
+                             soft[:, None, None])
+    else:
+      # Large with a 1.5-3 px blur: a plateau, never a blob, and no sharp
+      # edge that would cut a thin sliver off a square lying across it.
+      ry, rx = jnp.maximum(ry, 0.15 * side), jnp.maximum(rx, 0.15 * side)
+      soft = u(1.5, 3.0)[:, None, None]
+      shape = jax.nn.sigmoid(jnp.minimum(
+          ry[:, None, None] - jnp.abs(rows - cy[:, None, None]),
+          rx[:, None, None] - jnp.abs(cols - cx[:, None, None])) / soft)
     img += u(-0.25, 0.25)[:, None, None] * shape
   angle = u(0, 2 * np.pi)
   offset = u(-0.4, 0.4) * side
   t = ((rows - side / 2) * jnp.sin(angle)[:, None, None] +
        (cols - side / 2) * jnp.cos(angle)[:, None, None] -
        offset[:, None, None])
+  edge_blur = (0.3, 3.0) if shapes == "all" else (1.5, 3.0)
   img += u(-0.15, 0.15)[:, None, None] * jax.nn.sigmoid(
-      t / u(0.3, 3.0)[:, None, None])
+      t / u(*edge_blur)[:, None, None])
+  if shapes == "all":
+    img, small = _blobs_and_lines(img, u, keys, rows, cols, side)
+  else:
+    img, small = _squares(img, u, keys, rows, cols, side)
+  img += u(0.003, 0.03)[:, None, None] * jax.random.normal(
+      next(keys), (batch, side, side))
+  return {"image": jnp.clip(img, 0.0, 1.0), **small}
 
+
+def _blobs_and_lines(img, u, keys, rows, cols, side):
+  """Adds small blobs and thin lines to `img`; (img, their maps)."""
+  batch = img.shape[0]
   # Small blobs: sharp disks of radius 1-3 px, either polarity.
   num_blobs = jax.random.randint(next(keys), (batch,), 0, MAX_BLOBS + 1)
   num_blobs = jnp.where(u(0, 1) < 0.4, 0, num_blobs)
@@ -134,11 +200,41 @@ def generic_images(key: Array, batch: int, side: int) -> Dict[str, Array]:
       ..., None, None]
   img += jnp.sum(lcontrast[..., None, None] * lcover, axis=1)
   lines = jnp.max(lcover, axis=1)
+  return img, {"blobs": blobs, "lines": lines,
+               "squares": jnp.zeros_like(img), "num_blobs": num_blobs,
+               "num_lines": num_lines,
+               "num_squares": jnp.zeros_like(num_blobs)}
 
-  img += u(0.003, 0.03)[:, None, None] * jax.random.normal(
-      next(keys), (batch, side, side))
-  return {"image": jnp.clip(img, 0.0, 1.0), "blobs": blobs, "lines": lines,
-          "num_blobs": num_blobs, "num_lines": num_lines}
+
+def _squares(img, u, keys, rows, cols, side):
+  """Adds small axis-aligned squares to `img`; (img, their maps)."""
+  batch = img.shape[0]
+  num = jax.random.randint(next(keys), (batch,), 0, MAX_SQUARES + 1)
+  num = jnp.where(u(0, 1) < 0.4, 0, num)
+  half = u(*SQUARE_SIDES, (MAX_SQUARES,)) / 2
+  # One square per quadrant, so that two never overlap: an overlap would
+  # leave a thin sliver, a line-like thing this variant must not show.
+  margin = SQUARE_SIDES[1] / 2 + 4  # Nor a sliver at the border.
+  quadrant = side / 2
+  corner = jnp.asarray([[0, 0], [0, 1], [1, 0], [1, 1]], jnp.float32) * \
+      quadrant
+  cy = corner[:, 0] + u(margin, quadrant - margin, (MAX_SQUARES,))
+  cx = corner[:, 1] + u(margin, quadrant - margin, (MAX_SQUARES,))
+  sign = jnp.where(u(0, 1, (MAX_SQUARES,)) < 0.75, 1.0, -1.0)
+  contrast = sign * u(0.1, 0.45, (MAX_SQUARES,))
+  # Exact pixel coverage of an axis-aligned square: a product of 1-D ones.
+  cover_1d = lambda x, c: jnp.clip(
+      half[..., None, None] - jnp.abs(x[None, None] - c[..., None, None])
+      + 0.5, 0.0, 1.0)
+  cover = cover_1d(rows, cy) * cover_1d(cols, cx)
+  cover = cover * (jnp.arange(MAX_SQUARES)[None] < num[:, None])[
+      ..., None, None]
+  img += jnp.sum(contrast[..., None, None] * cover, axis=1)
+  zeros = jnp.zeros_like(img)
+  return img, {"blobs": zeros, "lines": zeros,
+               "squares": jnp.max(cover, axis=1),
+               "num_blobs": jnp.zeros_like(num),
+               "num_lines": jnp.zeros_like(num), "num_squares": num}
 
 
 def _patches(x: Array, patch: int) -> Array:
@@ -161,16 +257,16 @@ def targets(batch: Dict[str, Array], patch: int) -> Dict[str, Array]:
   s = img.shape[-1]
   thumb = img.reshape(b, THUMB, s // THUMB, THUMB, s // THUMB).mean(
       axis=(2, 4)).reshape(b, THUMB * THUMB)
+  flag = lambda m: (_patches(m, patch).max(axis=(2, 3)) > 0.5).astype(
+      jnp.float32)
   return {
-      "token_blob": (_patches(batch["blobs"], patch).max(axis=(2, 3)) > 0.5
-                     ).astype(jnp.float32),
-      "token_line": (_patches(batch["lines"], patch).max(axis=(2, 3)) > 0.5
-                     ).astype(jnp.float32),
+      "token_blob": flag(batch["blobs"]),
+      "token_line": flag(batch["lines"]),
+      "token_square": flag(batch["squares"]),
       "token_values": jnp.concatenate(
           [mean[..., None], 4.0 * (quads - mean[..., None])], axis=-1),
-      "image_flags": jnp.stack([batch["num_blobs"] > 0,
-                                batch["num_lines"] > 0], -1).astype(
-                                    jnp.float32),
+      "image_flags": jnp.stack([batch[f"num_{f}s"] > 0 for f in FLAGS],
+                               -1).astype(jnp.float32),
       "image_values": thumb,
   }
 
@@ -188,13 +284,14 @@ class Pretrainer(nn.Module):
     pooled = tower.pool(x)
     tokens = nn.LayerNorm(name="token_norm")(
         x[:, self.vision.num_prefix_tokens:])
-    token_out = nn.Dense(2 + 5, name="token_head")(tokens)
-    image_out = nn.Dense(2 + THUMB * THUMB, name="image_head")(
+    n = len(FLAGS)
+    token_out = nn.Dense(n + 5, name="token_head")(tokens)
+    image_out = nn.Dense(n + THUMB * THUMB, name="image_head")(
         nn.LayerNorm(name="image_norm")(pooled))
-    return {"token_logits": token_out[..., :2],
-            "token_values": token_out[..., 2:],
-            "image_logits": image_out[..., :2],
-            "image_values": image_out[..., 2:]}
+    return {"token_logits": token_out[..., :n],
+            "token_values": token_out[..., n:],
+            "image_logits": image_out[..., :n],
+            "image_values": image_out[..., n:]}
 
 
 def normalize(images: Array, family: str) -> Array:
@@ -204,7 +301,7 @@ def normalize(images: Array, family: str) -> Array:
 
 def losses(out: Dict[str, Array], t: Dict[str, Array]) -> Dict[str, Array]:
   bce = optax.sigmoid_binary_cross_entropy
-  token_flags = jnp.stack([t["token_blob"], t["token_line"]], -1)
+  token_flags = jnp.stack([t[f"token_{f}"] for f in FLAGS], -1)
   return {
       "token_flags": bce(out["token_logits"], token_flags).mean(),
       "token_values": jnp.mean(
@@ -216,14 +313,16 @@ def losses(out: Dict[str, Array], t: Dict[str, Array]) -> Dict[str, Array]:
 
 
 def train(vision: VisionConfig, params: dict, steps: int, seed: int,
-          log: Optional[Callable[[int, Dict[str, float]], None]] = None
-          ) -> Tuple[Pretrainer, dict, Dict[str, float]]:
+          log: Optional[Callable[[int, Dict[str, float]], None]] = None,
+          shapes: str = "all") -> Tuple[Pretrainer, dict, Dict[str, float]]:
   """Trains the vision tower `params` (our layout) and the read-outs.
 
   Returns (the Pretrainer module, all its params, the loss terms averaged
   over the last 20 steps). `log(step, loss terms)` is called every 100
-  steps and at the last one, if given.
+  steps and at the last one, if given. `shapes` picks the images
+  (`generic_images`).
   """
+  check_shapes(shapes)
   model = Pretrainer(vision)
   side, patch = vision.image_size, vision.patch_size
   init_key, data_key = jax.random.split(jax.random.key(seed))
@@ -239,7 +338,7 @@ def train(vision: VisionConfig, params: dict, steps: int, seed: int,
 
   @jax.jit
   def step(variables, opt_state, key):
-    batch = generic_images(key, BATCH, side)
+    batch = generic_images(key, BATCH, side, shapes)
     t = targets(batch, patch)
     pixels = normalize(batch["image"], vision.family)
 
@@ -268,8 +367,8 @@ def train(vision: VisionConfig, params: dict, steps: int, seed: int,
 
 
 def pretrain(vision: VisionConfig, params: dict, steps: int, seed: int,
-             log: Optional[Callable[[int, Dict[str, float]], None]] = None
-             ) -> Tuple[dict, Dict[str, float]]:
+             log: Optional[Callable[[int, Dict[str, float]], None]] = None,
+             shapes: str = "all") -> Tuple[dict, Dict[str, float]]:
   """(the pre-trained vision tower params, final loss terms); see `train`."""
-  _, variables, final = train(vision, params, steps, seed, log)
+  _, variables, final = train(vision, params, steps, seed, log, shapes)
   return variables["tower"], final

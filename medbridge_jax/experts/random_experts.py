@@ -14,19 +14,23 @@ text_heads (4), text_mlp (4*text_width), text_len (CLIP 77, SigLIP 64),
 pretrain (0): steps of the generic vision pre-training of
 `experts.pretrain` (small blobs and thin lines on textures, no chest X-rays),
 which gives the vision tower the sight of small things that real foundation
-models have; 0 leaves it purely random. A pre-trained folder also holds
-`pretraining.json` (steps, seed, final losses).
+models have; 0 leaves it purely random. pretrain_shapes (all | heldout):
+heldout pre-trains on images with no blobs and no thin lines (squares and
+rectangles instead). A pre-trained folder also holds `pretraining.json`
+(spec, seed, steps, recipe, platform, jax version, date, final losses).
 The tokenizers are tiny: CLIP gets a character-level byte BPE (no merges),
 SigLIP a sentencepiece model trained here on a built-in word list.
 """
 
-import functools
+import datetime
 import io
 import json
 import os
+import platform
 import shutil
 import tempfile
-from typing import Dict, Tuple
+import time
+from typing import Callable, Dict, Tuple
 
 from absl import logging
 import jax
@@ -42,7 +46,8 @@ from medbridge_jax.experts.vit import VisionConfig, VisionTower
 
 KEYS = ("width", "layers", "heads", "patch", "image", "mlp", "proj",
         "text_width", "text_layers", "text_heads", "text_mlp", "text_len",
-        "pretrain")
+        "pretrain", "pretrain_shapes")
+STRING_KEYS = {"pretrain_shapes": ("all", "heldout")}
 REQUIRED = ("width", "layers", "heads", "patch", "image")
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
@@ -65,8 +70,11 @@ cat dog house tree car person man woman child water sky city road book
 """.split()
 
 
-def parse_spec(spec: str) -> Tuple[str, Dict[str, int]]:
-  """("clip" | "siglip", {key: int}) from a spec string; checks everything."""
+def parse_spec(spec: str) -> Tuple[str, Dict[str, int | str]]:
+  """("clip" | "siglip", {key: value}) from a spec string; checks everything.
+
+  Values are ints but for pretrain_shapes (a string).
+  """
   family, _, rest = str(spec).partition(":")
   family = family.strip().lower()
   if family not in ("clip", "siglip"):
@@ -79,6 +87,12 @@ def parse_spec(spec: str) -> Tuple[str, Dict[str, int]]:
     if not eq or key not in KEYS:
       raise UserError(f"random expert spec {spec!r}: bad item {item!r}; "
                       f"keys are {', '.join(KEYS)}")
+    if key in STRING_KEYS:
+      values[key] = value.strip()
+      if values[key] not in STRING_KEYS[key]:
+        raise UserError(f"random expert spec {spec!r}: {key} must be one of "
+                        f"{', '.join(STRING_KEYS[key])}, got {value!r}")
+      continue
     try:
       values[key] = int(value)
     except ValueError:
@@ -101,6 +115,10 @@ def parse_spec(spec: str) -> Tuple[str, Dict[str, int]]:
   v.setdefault("text_mlp", 4 * v["text_width"])
   v.setdefault("text_len", 77 if family == "clip" else 64)
   v.setdefault("pretrain", 0)
+  v.setdefault("pretrain_shapes", "all")
+  if v["pretrain_shapes"] != "all" and not v["pretrain"]:
+    raise UserError(f"random expert spec {spec!r}: pretrain_shapes needs "
+                    f"pretrain=STEPS")
   for w, h in (("width", "heads"), ("text_width", "text_heads")):
     if v[w] % v[h]:
       raise UserError(f"random expert spec {spec!r}: {w}={v[w]} is not "
@@ -303,9 +321,52 @@ def _write_json(file: str, data):
     f.write("\n")
 
 
-def _log_pretraining(spec: str, steps: int, step: int, terms: dict) -> None:
-  logging.info("Pre-training random expert %s: step %d/%d, loss %.4f", spec,
-               step + 1, steps, sum(terms.values()))
+def _progress(spec: str, steps: int) -> Callable[[int, dict], None]:
+  """A `pretrain` log callback: steps done, loss and time left."""
+  start = []
+
+  def log(step: int, terms: dict) -> None:
+    now = time.monotonic()
+    if not start:  # Step 0 includes compilation: time the rest from here.
+      start.append(now)
+    done = step + 1
+    eta = ((now - start[0]) / step * (steps - done)) if step else float("nan")
+    logging.info("Pre-training test-bed expert %s: step %d/%d, loss %.4f, "
+                 "ETA %s", spec, done, steps, sum(terms.values()),
+                 "..." if step == 0 else f"{eta:.0f} s")
+  return log
+
+
+def pretraining_record(spec: str, seed: int) -> dict:
+  """What decides a pre-trained folder's weights: spec, seed and recipe.
+
+  `pretraining.json` holds this plus where and when it was made.
+  """
+  from medbridge_jax.experts import pretrain  # pylint: disable=g-import-not-at-top
+  _, v = parse_spec(spec)
+  return {"spec": spec, "seed": seed, "steps": v["pretrain"],
+          **pretrain.recipe(v["pretrain_shapes"])}
+
+
+def _cpu_model() -> str:
+  """The CPU's model name: XLA's CPU code (so the weights) depends on it."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _made_by() -> dict:
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {"platform": f"{jax.default_backend()} "
+                      f"({jax.devices()[0].device_kind}), {_cpu_model()}, "
+                      f"{platform.machine()} {platform.system()}",
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "date": datetime.date.today().isoformat()}
 
 
 def write(path: str, spec: str, seed: int = 0) -> str:
@@ -331,10 +392,10 @@ def write(path: str, spec: str, seed: int = 0) -> str:
       from medbridge_jax.experts import pretrain  # pylint: disable=g-import-not-at-top
       params["vision"], final = pretrain.pretrain(
           vision, params["vision"], v["pretrain"], seed,
-          log=functools.partial(_log_pretraining, spec, v["pretrain"]))
+          log=_progress(spec, v["pretrain"]), shapes=v["pretrain_shapes"])
       _write_json(os.path.join(tmp, "pretraining.json"), {
-          "steps": v["pretrain"], "seed": seed, "final_losses": final,
-          "task": pretrain.TASK})
+          **pretraining_record(spec, seed), **_made_by(),
+          "final_losses": final})
     tensors = hf_names.from_params(params, hf_names.all_entries(vision, text))
     save_file(tensors, os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
