@@ -36,6 +36,16 @@ is reused, otherwise it trains, resuming from its checkpoints. Asking the
 same sub-workdir to run another config is an error (use another --workdir).
 SIGTERM stops after the current run's checkpoint; the same command resumes.
 
+Cost, measured on 2 CPU cores shared with other work (default data and
+experts): a full-model run takes about 35 s of set-up and compilation,
+0.7 s per training step, 36 s per validation pass and 20 s for the test
+split (the sliding windows dominate every evaluation); a global-view run
+about a third of that. Evaluations, not steps, set the grid's time, so the
+ablation trains 100 steps and validates once, at the end:
+--config.train.steps=100 --config.train.warmup_steps=10
+--config.train.eval_every=0 (about 65-75 minutes for 11 variants x 3
+seeds at that load; idle cores should roughly halve it).
+
 Default workdir: ./workdir/ablate_<config name>[_<variant>].
 """
 
@@ -785,7 +795,8 @@ def _facts(c: dict, run_seeds: Sequence[int], test_set: str,
   return (f"Each run: {c['train']['steps']} steps of batch "
           f"{c['train']['batch_size']}, checkpoint selected on "
           f"{selected_on or 'validation'}; reported on the held-out test "
-          f"split {test_set}. Seeds {', '.join(map(str, run_seeds))} "
+          f"split {test_set}. Seed{'s' if len(run_seeds) > 1 else ''} "
+          f"{', '.join(map(str, run_seeds))} "
           f"(config.seed: initialisation, data order, crops; the frozen "
           f"experts and the data are the same for every seed).")
 
@@ -804,8 +815,9 @@ def markdown(result: dict) -> str:
       _facts(c, run_seeds, result["test_set"], result["selected_on"]),
       f"Global findings: {', '.join(groups['global']) or 'none'}; focal "
       f"findings: {', '.join(groups['focal']) or 'none'}; a group's AUROC "
-      f"is the mean of its labels' AUROCs. Values: mean ± SD over the "
-      f"{len(run_seeds)} seeds.", ""]
+      f"is the mean of its labels' AUROCs."
+      + (f" Values: mean ± SD over the {len(run_seeds)} seeds."
+         if len(run_seeds) > 1 else ""), ""]
   head = ["Variant", "What changes", "Mean AUROC", "Global findings",
           "Focal findings", "Train+eval (s)"]
   out += [_row(head), "|" + "---|" * len(head)]
