@@ -467,12 +467,14 @@ def _write_thresholds(workdir: str, thresholds: dict) -> None:
 def _write_predictions(workdir: str, name: str, result: report.Result
                        ) -> None:
   """workdir/predictions_<name>.npz: the selected model's probabilities,
-  targets, mask and patients of one test set, for paired comparisons of two
-  runs on the same images (ablations, method comparisons)."""
+  targets, mask, patients and label names (the columns) of one test set,
+  for paired comparisons of two runs on the same images (ablations, method
+  comparisons)."""
   slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
   np.savez(os.path.join(workdir, f"predictions_{slug}.npz"),
            probs=result.probs, targets=result.targets, mask=result.mask,
-           patients=np.asarray(result.groups, dtype=str))
+           patients=np.asarray(result.groups, dtype=str),
+           label_names=np.asarray(result.summary.label_names, dtype=str))
 
 
 def _report_header(run: Run, meta: dict) -> list[str]:

@@ -78,7 +78,9 @@ def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
     return ("nih" if variant == "nih" else name), synthetic.ensure(
         os.path.join(experts_setup.cache_dir(), "data"),
         num_patients=int(d.synthetic.num_patients), seed=int(d.synthetic.seed),
-        variant=variant or d.synthetic.variant, image_size=int(d.image_size))
+        variant=variant or d.synthetic.variant, image_size=int(d.image_size),
+        focal_scale=float(d.synthetic.focal_scale),
+        focal_contrast=float(d.synthetic.focal_contrast))
   if variant:
     raise errors.UserError(
         f"data set {dataset!r}: only generated synthetic data takes a "
