@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medbridge_jax import default_config
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import expert as expert_lib
 from medbridge_jax.experts import zero_shot
@@ -61,31 +62,77 @@ class ExpertSpec:
   directions: Optional[heads.TextDirections] = None  # Text init, or None.
 
 
+class _Key:
+  """A `Settings` attribute that is one `config.model` key, as given."""
+
+  def __init__(self, key: str):
+    self.key = key
+
+  def __get__(self, settings, owner=None):
+    if settings is None:
+      return self
+    node = settings.model
+    for part in self.key.split("."):
+      node = node[part]
+    return node
+
+
+def _default_model() -> ml_collections.FrozenConfigDict:
+  return ml_collections.FrozenConfigDict(
+      default_config.get_default().model.to_dict())
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Every switch of the model (from `config.model`)."""
-  dtype: Any = jnp.float32  # Compute dtype of the frozen towers.
-  attention_impl: Optional[str] = None  # None | auto | xla | cudnn.
-  num_local: int = 4  # Local views in training; 0 = focal sampling off.
-  crop_size: int = 0  # Stored pixels; 0 = each expert's own input side.
-  global_view: bool = True  # False: local views only.
-  global_side: int = 0  # Side of the global view; 0 = the expert's side.
-  eval_overlap: float = 0.25
-  lung_bias: float = 0.0
-  resize: str = "linear"
-  train_windows: str = "random"  # random | sliding.
-  num_queries: int = 4  # 0 = queries off (linear probe on pooled features).
-  inject_layer: int = -2
-  query_mode: str = "non_destructive"
-  query_init_std: float = 0.02
-  fusion: bool = True  # False: a plain max over views.
-  fusion_heads: int = 4
-  fusion_layers: int = 1
-  fusion_keep_global: bool = False
-  moe: bool = True  # False: plain average of the experts' logits.
-  gating: str = "soft"
-  top_k: int = 1
-  gate_hidden: int = 0
+  """Every switch of the model: `config.model`, frozen (hashable, so a
+  linen attribute and static under jit).
+
+  The values and their defaults live only in the config
+  (default_config.py; `Settings()` holds the defaults). The attributes
+  below name keys for the model; the three that are not plain keys apply
+  the config's meaning: focal sampling off is no local view, queries off is
+  no query, and `dtype` is the array dtype. Build it with
+  `settings_from_config`, which checks the values first.
+  """
+  model: ml_collections.FrozenConfigDict = dataclasses.field(
+      default_factory=_default_model)
+
+  crop_size = _Key("focal.crop_size")  # 0 = each expert's own input side.
+  global_view = _Key("focal.global_view")
+  global_side = _Key("focal.global_side")  # 0 = each expert's own side.
+  eval_overlap = _Key("focal.eval_overlap")
+  lung_bias = _Key("focal.lung_bias")
+  resize = _Key("focal.resize")
+  train_windows = _Key("focal.train_windows")
+  inject_layer = _Key("queries.inject_layer")
+  query_mode = _Key("queries.mode")
+  query_init_std = _Key("queries.init_std")
+  fusion = _Key("fusion.enabled")
+  fusion_heads = _Key("fusion.num_heads")
+  fusion_layers = _Key("fusion.num_layers")
+  fusion_keep_global = _Key("fusion.keep_global")
+  moe = _Key("moe.enabled")
+  gating = _Key("moe.gating")
+  top_k = _Key("moe.top_k")
+  gate_hidden = _Key("moe.gate_hidden")
+  attention_impl = _Key("attention_impl")
+
+  @property
+  def dtype(self) -> Any:
+    """Compute dtype of the frozen towers."""
+    return DTYPES[self.model.compute_dtype]
+
+  @property
+  def num_local(self) -> int:
+    """Local views in training; 0 with focal sampling off."""
+    focal = self.model.focal
+    return focal.num_local if focal.enabled else 0
+
+  @property
+  def num_queries(self) -> int:
+    """Query tokens per expert; 0 with queries off (the linear probe)."""
+    queries = self.model.queries
+    return queries.num_queries if queries.enabled else 0
 
   def crop_for(self, side: int) -> int:
     """Crop side in stored pixels for an expert whose input side is `side`."""
@@ -204,39 +251,13 @@ class MedBridge(nn.Module):
 
 
 def settings_from_config(model_config: ml_collections.ConfigDict) -> Settings:
-  """`Settings` from `config.model`, with the ablation switches applied."""
-  m = model_config
-  if m.compute_dtype not in DTYPES:
-    raise UserError(f"model.compute_dtype={m.compute_dtype!r}; expected one "
-                    f"of {tuple(DTYPES)}")
-  if m.fusion.keep_global and not m.focal.global_view:
-    raise UserError("model.fusion.keep_global=True needs a global view "
-                    "(model.focal.global_view=True)")
-  impl = m.attention_impl or None
-  return Settings(
-      dtype=DTYPES[m.compute_dtype],
-      attention_impl=impl,
-      num_local=int(m.focal.num_local) if m.focal.enabled else 0,
-      crop_size=int(m.focal.crop_size),
-      global_view=bool(m.focal.global_view),
-      global_side=int(m.focal.global_side),
-      eval_overlap=float(m.focal.eval_overlap),
-      lung_bias=float(m.focal.lung_bias),
-      resize=str(m.focal.resize),
-      train_windows=str(m.focal.train_windows),
-      num_queries=int(m.queries.num_queries) if m.queries.enabled else 0,
-      inject_layer=int(m.queries.inject_layer),
-      query_mode=str(m.queries.mode),
-      query_init_std=float(m.queries.init_std),
-      fusion=bool(m.fusion.enabled),
-      fusion_heads=int(m.fusion.num_heads),
-      fusion_layers=int(m.fusion.num_layers),
-      fusion_keep_global=bool(m.fusion.keep_global),
-      moe=bool(m.moe.enabled),
-      gating=str(m.moe.gating),
-      top_k=int(m.moe.top_k),
-      gate_hidden=int(m.moe.gate_hidden),
-  )
+  """`Settings` of `config.model`, after checking it (config_check)."""
+  # config_check imports this module (DTYPES): import it here, not above.
+  from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top
+  config_check.check_model(model_config)
+  # A copy: a FrozenConfigDict made from a ConfigDict keeps it, and would
+  # compare and hash by the live, mutable original.
+  return Settings(ml_collections.FrozenConfigDict(model_config.to_dict()))
 
 
 def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
