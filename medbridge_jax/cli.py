@@ -1,7 +1,8 @@
 """What the command-line programs (main, ablate, predict) share.
 
 Each prints a user's mistake as one line `PROGRAM: error: ...` with exit
-status 2 (an unknown --config.<key> named with its nearest real key), hides
+status 2 (an unknown --config.<key> named with its nearest real key, a bad
+value caught by `config_check` as soon as the config is loaded), hides
 orbax's INFO chatter, and keeps compiled programs in the cache so that reruns
 skip XLA compilation.
 """
@@ -15,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 from absl import flags
 from absl import logging
+
+from medbridge_jax import errors
 
 
 def fail(program: str, message: str) -> None:
@@ -84,7 +87,8 @@ def parse_flags(program: str, argv: Sequence[str]):
 
 
 def load_config(program: str, argv: Sequence[str], config_flag) -> Any:
-  """The parsed --config, after refusing stray arguments; one-line errors."""
+  """The parsed --config, after refusing stray arguments and checking every
+  value (`config_check.check`); one-line errors."""
   if len(argv) > 1:
     fail(program, f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -92,6 +96,13 @@ def load_config(program: str, argv: Sequence[str], config_flag) -> Any:
     config.keys()  # A config file that failed to load raises only on use.
   except (OSError, ValueError, AttributeError) as e:
     fail(program, one_line(e))
+  # Here, not above: config_check imports the modules that name the valid
+  # values (JAX among them), and predict answers its flags without them.
+  from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top
+  try:
+    config_check.check(config)
+  except errors.UserError as e:
+    fail(program, str(e))
   return config
 
 

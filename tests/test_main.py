@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,3 +87,40 @@ def test_default_workdir():
   assert main.default_workdir("configs/in_domain.py") == "workdir/in_domain"
   assert main.default_workdir("configs/in_domain.py:runlocal") == (
       "workdir/in_domain_runlocal")
+
+
+def test_bad_value_is_refused_before_any_data_or_expert(tmp_path):
+  # The full in-domain config: generating its data set alone takes far
+  # longer than the check, and would fill the cache.
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  env = dict(os.environ, MEDBRIDGE_CACHE=str(cache), JAX_PLATFORMS="cpu")
+  start = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, "-m", "medbridge_jax.main",
+       "--config=configs/in_domain.py",
+       "--config.model.queries.mode=non_destructiv",
+       f"--workdir={tmp_path / 'run'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  elapsed = time.monotonic() - start
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "medbridge_jax.main: error: config.model.queries.mode='non_destructiv' "
+      "is not one of 'non_destructive', 'joint' (did you mean "
+      "'non_destructive'?)"]
+  assert not os.listdir(cache) and not (tmp_path / "run").exists()
+  assert elapsed < 60, elapsed
+
+
+def test_ablate_checks_the_config_too(tmp_path):
+  env = dict(os.environ, MEDBRIDGE_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "medbridge_jax.ablate",
+       "--config=configs/in_domain.py:runlocal", "--config.loss.kind=bse",
+       f"--workdir={tmp_path / 'ablate'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "medbridge_jax.ablate: error: config.loss.kind='bse' is not one of "
+      "'bce', 'asymmetric' (did you mean 'bce'?)")
+  assert not os.listdir(tmp_path)
