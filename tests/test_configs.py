@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from medbridge_jax import config_check
 from medbridge_jax.data import resolve
 from medbridge_jax.data import nih
 
@@ -106,3 +107,24 @@ def test_cross_domain_tests_on_shifted_nih_layout_with_harmonised_labels(
   np.testing.assert_array_equal(
       test.targets[:, names.index("Lung Lesion")],
       np.maximum(raw.labels[:, col["Nodule"]], raw.labels[:, col["Mass"]]))
+
+
+# Every task config and variant, as `--config=configs/<name>.py[:<arg>]`.
+VARIANTS = {
+    "in_domain": (None, "runlocal"),
+    "cross_domain": (None, "runlocal"),
+    "data_efficient": ("1", "10", "100", "1,runlocal", "10,runlocal",
+                       "100,runlocal"),
+}
+
+
+def test_every_config_file_has_its_variants_listed():
+  names = {os.path.splitext(f)[0] for f in os.listdir(CONFIGS)
+           if f.endswith(".py") and not f.startswith("_")}
+  assert names == set(VARIANTS)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items()
+                                      for a in args])
+def test_every_config_and_variant_passes_the_config_check(name, arg):
+  config_check.check(_get_config(name, arg))
