@@ -4,7 +4,9 @@ r"""Trains and evaluates MedBridge: the command-line entry point.
       [--config.train.steps=100 ...]
 
 Every config value can be overridden with --config.<path>=<value>; an unknown
-path is an error naming it. Without --workdir the run writes to
+path, or a value `config_check` refuses (a mistyped name, a number out of
+range, two fields that cannot go together), is a one-line error naming it
+before any data is generated or expert loaded. Without --workdir the run writes to
 ./workdir/<config file name>[_<variant>]. Rerunning the same command resumes
 from the workdir's checkpoints. All the work is in
 `train.train_and_evaluate`.
