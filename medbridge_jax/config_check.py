@@ -74,7 +74,9 @@ def _finite(v) -> bool:
 # (key, rule, what the rule says): numbers that must hold whatever else the
 # config says. Finite numbers only (nan compares false to everything).
 _MODEL_RANGES = (
+    ("queries.num_queries", lambda v: v >= 0, ">= 0 (0 = no queries)"),
     ("queries.init_std", lambda v: _finite(v) and v > 0, "> 0"),
+    ("fusion.num_layers", lambda v: v >= 0, ">= 0"),
     ("moe.top_k", lambda v: v >= 1, ">= 1"),
     ("moe.balance_loss", lambda v: _finite(v) and v >= 0, ">= 0"),
     ("moe.gate_hidden", lambda v: v >= 0, ">= 0 (0 = a linear gate)"),
@@ -156,14 +158,10 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
     one_of(f"config.model.{key}", _get(m, key), names)
   for key, rule, says in _MODEL_RANGES:
     in_range(f"config.model.{key}", _get(m, key), rule, says)
-  if m.queries.enabled and m.queries.num_queries < 1:
-    raise UserError(f"config.model.queries.num_queries="
-                    f"{m.queries.num_queries} must be >= 1 "
-                    f"(config.model.queries.enabled=False turns them off)")
   if m.fusion.enabled:
-    for key in ("num_heads", "num_layers"):
-      in_range(f"config.model.fusion.{key}", m.fusion[key], lambda v: v >= 1,
-               ">= 1 (config.model.fusion.enabled=False turns fusion off)")
+    in_range("config.model.fusion.num_heads", m.fusion.num_heads,
+             lambda v: v >= 1,
+             ">= 1 (config.model.fusion.enabled=False turns fusion off)")
   if m.fusion.keep_global and not m.focal.global_view:
     raise UserError("config.model.fusion.keep_global=True needs a global "
                     "view (config.model.focal.global_view=True)")

@@ -142,6 +142,8 @@ def test_every_valid_name_passes(key, value):
     ("mesh.data", 0, "-1 (all devices) or >= 1"),
     ("mesh.data", -2, "-1 (all devices) or >= 1"),
     ("model.queries.init_std", 0.0, "> 0"),
+    ("model.queries.num_queries", -1, ">= 0 (0 = no queries)"),
+    ("model.fusion.num_layers", -1, ">= 0"),
     ("model.moe.top_k", 0, ">= 1"),
     ("model.moe.balance_loss", -0.1, ">= 0"),
     ("model.moe.gate_hidden", -1, ">= 0"),
@@ -159,7 +161,6 @@ def test_out_of_range_names_key_value_and_range(key, value, rule):
     ("model.focal.crop_size", -1, "model.focal.crop_size=-1"),
     ("model.focal.crop_size", 300, "model.focal.crop_size=300 is larger"),
     ("model.focal.global_side", 512, "model.focal.global_side=512"),
-    ("model.queries.num_queries", 0, "config.model.queries.num_queries=0"),
     ("model.fusion.num_heads", 0, "config.model.fusion.num_heads=0"),
     ("data.synthetic.focal_scale", 0.0, "data.synthetic.focal_scale=0.0"),
     ("data.synthetic.num_patients", 1,
@@ -180,10 +181,8 @@ def test_generated_data_needs_64_px_but_real_data_does_not():
 
 
 def test_switches_off_skip_the_ranges_they_make_moot():
-  config_check.check(_config(**{"model.queries.enabled": False,
-                                "model.queries.num_queries": 0}))
   config_check.check(_config(**{"model.fusion.enabled": False,
-                                "model.fusion.num_layers": 0}))
+                                "model.fusion.num_heads": 0}))
   config_check.check(_config(**{"model.focal.enabled": False,
                                 "model.focal.num_local": 0}))
 
