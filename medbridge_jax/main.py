@@ -6,9 +6,9 @@ r"""Trains and evaluates MedBridge: the command-line entry point.
 Every config value can be overridden with --config.<path>=<value>; an unknown
 path, or a value `config_check` refuses (a mistyped name, a number out of
 range, two fields that cannot go together), is a one-line error naming it
-before any data is generated or expert loaded. Without --workdir the run writes to
-./workdir/<config file name>[_<variant>]. Rerunning the same command resumes
-from the workdir's checkpoints. All the work is in
+before any data is generated or expert loaded. Without --workdir the run
+writes to ./workdir/<config file name>[_<variant>]. Rerunning the same
+command resumes from the workdir's checkpoints. All the work is in
 `train.train_and_evaluate`.
 """
 
