@@ -16,13 +16,10 @@ import tempfile
 from typing import Sequence
 
 from absl import logging
-import jax.numpy as jnp
 import ml_collections
 
 from medbridge_jax import errors
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
+from medbridge_jax.model import medbridge
 
 def cache_dir() -> str:
   """The cache of generated data and random experts."""
@@ -31,11 +28,8 @@ def cache_dir() -> str:
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
-  name = config.model.compute_dtype
-  if name not in DTYPES:
-    raise errors.UserError(
-        f"config.model.compute_dtype={name!r}; expected one of {tuple(DTYPES)}")
-  return DTYPES[name]
+  """The experts' compute dtype (config_check has vetted the name)."""
+  return medbridge.DTYPES[config.model.compute_dtype]
 
 
 def random_expert_folder(spec: str, seed: int, root: str | None = None) -> str:

@@ -225,6 +225,7 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from medbridge_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top
   from medbridge_jax import evaluate  # pylint: disable=g-import-not-at-top
   from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
   from medbridge_jax import optim  # pylint: disable=g-import-not-at-top
@@ -233,6 +234,7 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   from medbridge_jax.model import medbridge  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
 
+  config_check.check(run.config)
   if checkpoint not in CHECKPOINTS:
     raise errors.UserError(f"checkpoint {checkpoint!r}: expected one of "
                            f"{CHECKPOINTS}")

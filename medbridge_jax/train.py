@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from medbridge_jax import checkpoints
+from medbridge_jax import config_check
 from medbridge_jax import errors
 from medbridge_jax import evaluate
 from medbridge_jax import experts_setup
@@ -101,10 +102,10 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Builds a run: resumes from the workdir's newest checkpoint if any."""
+  config_check.check(config)  # Before anything is written or generated.
   workdir = prepare_workdir(workdir)
   experts_setup.announce(config)
   tc = config.train
-  optim.schedule(tc)  # Validates steps and warm-up early.
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(int(tc.batch_size), mesh, "config.train.batch_size",
                             int(tc.grad_accum))
