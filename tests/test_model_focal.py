@@ -248,6 +248,29 @@ def test_random_centres_uniform_in_bounds_and_deterministic():
   assert set(np.unique(corners)) == set(range(9))
 
 
+def test_centres_leave_room_for_the_largest_crop():
+  """Drawn for a crop side, centres place that crop anywhere inside the
+  image with equal chance, never pinned to a border; a smaller crop around
+  the same centre fits too (hand-computed: 40 px image, 32 px crop: corners
+  0..8, centres 16..24; a 16 px crop's corners 8..16)."""
+  many = np.asarray(fs.random_centres(jax.random.key(5), 64, 64, 40, 40,
+                                      crop=32)).reshape(-1, 2)
+  assert set(np.unique(many)) == set(range(16, 25))
+  for axis in range(2):
+    counts = np.bincount(many[:, axis] - 16, minlength=9)
+    assert counts.min() > 0.8 * len(many) / 9
+  small = np.asarray(fs.corners_from_centres(many, 16, 40, 40))
+  np.testing.assert_array_equal(small, many - 8)  # No clamping needed.
+  # Without room for the crop, a quarter of 32 px crops on a 64 px image
+  # would sit at each border; with it, none more than 1/33 of them.
+  pinned = np.asarray(fs.random_windows(jax.random.key(6), 64, 64, 64, 64,
+                                        32))
+  assert (pinned == 0).mean() < 0.05 and (pinned == 32).mean() < 0.05
+  lung = np.asarray(fs.random_centres(jax.random.key(7), 64, 16, 40, 40,
+                                      lung_bias=1.0, crop=32))
+  assert lung.min() >= 16 and lung.max() <= 24
+
+
 def test_lung_bias_puts_crop_centres_in_the_lung_fields():
   h = w = 300
   centres = np.asarray(fs.random_centres(jax.random.key(0), 32, 16, h, w,

@@ -193,7 +193,8 @@ def test_interrupted_runs_resume_to_identical_metrics(cache, tmp_path):
   assert got["mean_auroc"] == reference["mean_auroc"]
   assert got["mean_ece"] == reference["mean_ece"]
   evals = [r["step"] for r in report.read_jsonl(workdir) if not r.get("final")]
-  assert evals == [8, 16]  # Each periodic evaluation recorded once.
+  # Each validation evaluation (periodic, and the last step's) recorded once.
+  assert evals == [8, 16, 24]
 
 
 class _PoisonAt:

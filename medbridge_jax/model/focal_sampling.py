@@ -15,11 +15,11 @@ one expert whose input side is `side`:
 
 Crop positions are shared between experts by their centres:
   training    one set of centres per image (`random_centres`): uniform
-              over the image, or with probability `lung_bias` in the lung
-              fields (`LUNG_BOXES`). Each expert's corner is its centre
-              minus half its own crop, clamped into the image
+              over the centres where the largest expert crop fits, or with
+              probability `lung_bias` in the lung fields (`LUNG_BOXES`).
+              Each expert's corner is its centre minus half its own crop
               (`corners_from_centres`), so experts of different sides look
-              at the same places;
+              at the same places and no crop is pinned to the border;
   evaluation  each expert's own sliding windows with the same overlap,
               covering every pixel; the last window of each row and column
               is flush with the border.
@@ -94,20 +94,27 @@ def sliding_windows(height: int, width: int, crop: int,
 
 
 def random_centres(key: Array, batch: int, num: int, height: int, width: int,
-                   lung_bias: float = 0.0) -> Array:
+                   lung_bias: float = 0.0, crop: int = 1) -> Array:
   """(batch, num, 2) int32 random crop centres (row, col), in pixels.
 
-  Uniform over the image's pixels; with probability `lung_bias` per crop,
-  uniform in one of the two `LUNG_BOXES` (left or right at random) instead.
-  Independent of any crop side: one draw serves every expert.
+  Uniform over the centres at which a `crop`-pixel crop lies inside the
+  image (corner + crop // 2 for every valid corner), so that a crop of that
+  side is never pinned to the border: pass the largest crop side of the
+  experts that share the centres, and every smaller crop, cut around the
+  same centre, fits as well. (Centres uniform over the whole image would pin
+  crop/side of the crops to each border, where the lungs are not.) With
+  probability `lung_bias` per crop the centre is instead uniform in one of
+  the two `LUNG_BOXES` (left or right at random), kept in the same range.
   """
   if not 0.0 <= lung_bias <= 1.0:
     raise UserError(f"model.focal.lung_bias={lung_bias} must be in [0, 1]")
+  check_crop(height, width, crop)
   k_uni, k_lung, k_side, k_use = jax.random.split(key, 4)
   size = jnp.asarray([height, width], jnp.float32)
-  last = jnp.asarray([height - 1, width - 1], jnp.int32)
+  limit = jnp.asarray([height - crop, width - crop], jnp.int32)
   u = jax.random.uniform(k_uni, (batch, num, 2))
-  centres = jnp.minimum(jnp.floor(u * size).astype(jnp.int32), last)
+  corners = jnp.minimum(jnp.floor(u * (limit + 1)).astype(jnp.int32), limit)
+  centres = corners + crop // 2
   if lung_bias > 0.0:
     boxes = jnp.asarray(LUNG_BOXES, jnp.float32)  # (2, 4)
     side = jax.random.bernoulli(k_side, 0.5, (batch, num)).astype(jnp.int32)
@@ -115,7 +122,7 @@ def random_centres(key: Array, batch: int, num: int, height: int, width: int,
     v = jax.random.uniform(k_lung, (batch, num, 2))
     lo, hi = box[..., 0::2], box[..., 1::2]  # (row0, col0), (row1, col1)
     lung = jnp.floor((lo + v * (hi - lo)) * size).astype(jnp.int32)
-    lung = jnp.clip(lung, 0, last)
+    lung = jnp.clip(lung, crop // 2, limit + crop // 2)
     use = jax.random.bernoulli(k_use, lung_bias, (batch, num))
     centres = jnp.where(use[..., None], lung, centres)
   return centres
@@ -135,7 +142,7 @@ def random_windows(key: Array, batch: int, num: int, height: int, width: int,
   """(batch, num, 2) int32 random top-left corners (row, col) of crops:
   `random_centres` placed with `corners_from_centres`."""
   check_crop(height, width, crop)
-  centres = random_centres(key, batch, num, height, width, lung_bias)
+  centres = random_centres(key, batch, num, height, width, lung_bias, crop)
   return corners_from_centres(centres, crop, height, width)
 
 

@@ -229,10 +229,11 @@ class MedBridge(nn.Module):
     centres = None
     if train and random_crops:
       # One draw per image for all experts: each places its own crop side
-      # around the same centres.
+      # around the same centres, drawn where the largest crop fits.
       b, h, w = images.shape
+      largest = max(s.crop_for(spec.side) for spec in self.experts)
       centres = focal_sampling.random_centres(
-          self.make_rng("focal"), b, s.num_local, h, w, s.lung_bias)
+          self.make_rng("focal"), b, s.num_local, h, w, s.lung_bias, largest)
     outs = [ExpertBranch(spec, s, self.num_labels, name=f"expert_{k}")(
         images, train, centres) for k, spec in enumerate(self.experts)]
     expert_logits = jnp.stack([o[0] for o in outs], axis=1)  # (B, K, L)
