@@ -3,10 +3,15 @@
 `tiny_config(**overrides)` is the runlocal variant made cheaper still
 (2-layer experts, 128 px images, 40 patients); `as_flags` gives the same
 overrides as command-line flags; `private_cache` points MEDBRIDGE_CACHE at
-a fresh folder for one test module (use it inside a module-scoped fixture).
+a fresh folder for one test module (use it inside a module-scoped fixture);
+`edited_expert` moves one tower weight of an expert folder for a while.
 """
 
+import contextlib
 import os
+import shutil
+
+import numpy as np
 
 from configs import in_domain
 
@@ -53,3 +58,23 @@ def private_cache(tmp_path_factory):
     del os.environ["MEDBRIDGE_CACHE"]
   else:
     os.environ["MEDBRIDGE_CACHE"] = old
+
+
+@contextlib.contextmanager
+def edited_expert(folder: str, keep_dir: str):
+  """Within the block, one vision weight of the expert in `folder` is off by
+  1e-3 (as an edited or re-pre-trained folder would be); restored after.
+  `keep_dir` holds the original file meanwhile."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  file = os.path.join(folder, "model.safetensors")
+  kept = os.path.join(keep_dir, "original.safetensors")
+  shutil.copy(file, kept)
+  weights = safetensors.numpy.load_file(file)
+  name = next(k for k in sorted(weights) if k.startswith("vision_model.")
+              and weights[k].ndim == 2)
+  weights[name] = weights[name] + np.float32(1e-3)
+  try:
+    safetensors.numpy.save_file(weights, file)
+    yield
+  finally:
+    shutil.copy(kept, file)
