@@ -28,6 +28,7 @@ from medbridge_jax import experts as experts_lib
 from medbridge_jax import experts_setup
 from medbridge_jax import optim
 from medbridge_jax import sharding
+from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
 from medbridge_jax.bench_lib import timing
 from medbridge_jax.data import synthetic
@@ -183,8 +184,7 @@ def train_step(setup: Setup) -> Call:
   tx, schedule = optim.make(c.train), optim.schedule(c.train)
   # A copy: the step donates its state, the eval step keeps `trainable`.
   params = jax.tree.map(lambda x: x.copy(), setup.trainable)
-  state = jax.device_put(dict(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params)), replicated)
+  state = train_state.create(params, tx, replicated)
   step = jax.jit(
       train_step_lib.make_train_step(setup.model, tx, schedule, c, mesh),
       donate_argnums=(0,),
