@@ -315,6 +315,13 @@ def _write_json(path: str, data) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _write_result(workdir: str, stem: str, result: dict) -> None:
+  """workdir/<stem>.json (everything) and <stem>.md (its markdown)."""
+  _write_json(os.path.join(workdir, f"{stem}.json"), result)
+  with open(os.path.join(workdir, f"{stem}.md"), "w") as f:
+    f.write(result["markdown"])
+
+
 def run_one(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   """Trains `config` in `run_dir`, or reuses the finished run there.
 
@@ -533,9 +540,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   result["stopped"] = stopped
   result["markdown"] = markdown(result)
   if result["rows"]:
-    _write_json(os.path.join(workdir, "results.json"), result)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(result["markdown"])
+    _write_result(workdir, "results", result)
   return result
 
 
@@ -705,9 +710,7 @@ def run_dose(config: ml_collections.ConfigDict, workdir: str,
   result["stopped"] = stopped
   result["markdown"] = dose_markdown(result)
   if result["levels"]:
-    _write_json(os.path.join(workdir, "dose.json"), result)
-    with open(os.path.join(workdir, "dose.md"), "w") as f:
-      f.write(result["markdown"])
+    _write_result(workdir, "dose", result)
   return result
 
 
