@@ -116,7 +116,9 @@ def _ci(ci) -> str:
   return f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+  """A file-name part for a set name ("synthetic:nih/test" ->
+  "synthetic_nih_test")."""
   return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
@@ -262,7 +264,7 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
   os.makedirs(report_dir, exist_ok=True)
   images = {}
   for set_name, results in sets.items():
-    png = f"roc_{_slug(set_name)}.png"
+    png = f"roc_{slug(set_name)}.png"
     _plot_roc(os.path.join(report_dir, png), set_name, results)
     images[set_name] = png
   with open(os.path.join(report_dir, "metrics.csv"), "w", newline="") as f:

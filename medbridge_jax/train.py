@@ -471,8 +471,7 @@ def _write_predictions(workdir: str, name: str, result: report.Result
   targets, mask, patients and label names (the columns) of one test set,
   for paired comparisons of two runs on the same images (ablations, method
   comparisons)."""
-  slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
-  np.savez(os.path.join(workdir, f"predictions_{slug}.npz"),
+  np.savez(os.path.join(workdir, f"predictions_{report.slug(name)}.npz"),
            probs=result.probs, targets=result.targets, mask=result.mask,
            patients=np.asarray(result.groups, dtype=str),
            label_names=np.asarray(result.summary.label_names, dtype=str))
