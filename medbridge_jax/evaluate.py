@@ -60,7 +60,7 @@ def predict(fn: ImageFn, eval_set: EvalSet, batch_size: int, mesh,
       available=eval_set.available,
       **pipeline.options_from_config(data_config))
   for batch in batches:
-    batch = pipeline.to_global({"image": batch["image"], "row": batch["row"]},
+    batch = sharding.to_global({"image": batch["image"], "row": batch["row"]},
                                mesh)
     out = (fn(batch["image"]), batch["row"])
     if jax.process_count() > 1:

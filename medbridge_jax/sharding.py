@@ -102,18 +102,37 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str,
         f"is not divisible by the {n} devices of the mesh")
 
 
-def host_batch_size(global_batch_size: int) -> int:
-  """This process's share of a global batch."""
-  if global_batch_size % jax.process_count():
+def host_batch_size(global_batch_size: int,
+                    process_count: int | None = None) -> int:
+  """This process's share of a global batch; UserError if it does not divide.
+
+  `process_count` defaults to `jax.process_count()`.
+  """
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % count:
     raise errors.UserError(
         f"batch size {global_batch_size} is not divisible by the "
-        f"{jax.process_count()} processes")
-  return global_batch_size // jax.process_count()
+        f"{count} processes")
+  return global_batch_size // count
 
 
 def to_global(batch, mesh: jax.sharding.Mesh):
-  """Host-local numpy batch (this process's rows) -> global sharded arrays."""
+  """Host-local numpy batch (this process's rows) -> global sharded arrays.
+
+  The global batch is the hosts' local batches stacked in host order, rows
+  split over the "data" axis; each host's rows live on its own devices.
+  """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      batch)
+  local_devices = sum(1 for d in mesh.devices.flat
+                      if d.process_index == jax.process_index())
+
+  def one(x):
+    x = np.asarray(x)
+    if x.shape[0] % max(1, local_devices):
+      raise errors.UserError(
+          f"host batch of {x.shape[0]} rows does not split over this "
+          f"host's {local_devices} devices; choose a batch size divisible by "
+          "the number of devices")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(one, batch)

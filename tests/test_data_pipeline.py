@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medbridge_jax import sharding
 from medbridge_jax.data import index as index_lib
 from medbridge_jax.data import labels
 from medbridge_jax.data import pipeline
@@ -204,7 +205,7 @@ def test_to_global_shards_rows_over_the_data_axis(index):
   ev = pipeline.eval_batches(index, batch_size=8, image_size=SIZE,
                              shard=(0, 1))
   batch = next(iter(ev))
-  g = pipeline.to_global(batch, mesh)
+  g = sharding.to_global(batch, mesh)
   assert g["image"].shape == (8, SIZE, SIZE) and g["image"].dtype == np.uint8
   assert g["targets"].sharding.spec == jax.sharding.PartitionSpec("data")
   shards = g["image"].addressable_shards
@@ -213,13 +214,13 @@ def test_to_global_shards_rows_over_the_data_axis(index):
   for key in batch:
     np.testing.assert_array_equal(np.asarray(g[key]), batch[key])
   with pytest.raises(UserError, match="divisible"):
-    pipeline.to_global({"x": np.zeros((6, 2))}, mesh)
+    sharding.to_global({"x": np.zeros((6, 2))}, mesh)
 
 
 def test_argument_errors(index):
-  assert pipeline.local_batch_size(32, 4) == 8
+  assert sharding.host_batch_size(32, 4) == 8
   with pytest.raises(UserError, match="not divisible"):
-    pipeline.local_batch_size(30, 4)
+    sharding.host_batch_size(30, 4)
   with pytest.raises(UserError, match="on_bad_image"):
     pipeline.train_batches(index, batch_size=2, seed=0, image_size=SIZE,
                            on_bad_image="ignore", shard=(0, 1))

@@ -15,9 +15,8 @@ of batches, so collective evaluation steps never wait for a host that ran
 out.
 
 Hosts: host p of P reads rows p, p + P, p + 2P, ... (`shard`, default
-`jax.process_index()`, `jax.process_count()`); `B` is the host-local batch.
-`to_global` turns a host-local batch into global jax arrays sharded over the
-mesh axis "data".
+`jax.process_index()`, `jax.process_count()`); `B` is the host-local batch
+(`sharding.host_batch_size`), made global by `sharding.to_global`.
 
 Images are decoded from the index's files, or read from prepared ArrayRecord
 shards (`prepared=tfds_builders.data_source(...)`), with labels from the
@@ -202,18 +201,6 @@ def _read_options(num_workers: int, buffer: int) -> grain.ReadOptions:
                            prefetch_buffer_size=max(threads, buffer))
 
 
-def local_batch_size(global_batch_size: int,
-                     process_count: int | None = None) -> int:
-  """This host's share of a global batch; UserError if it does not divide."""
-  if process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_count = jax.process_count()
-  if global_batch_size % process_count:
-    raise UserError(f"batch size {global_batch_size} is not divisible by the "
-                    f"{process_count} hosts")
-  return global_batch_size // process_count
-
-
 class _CountsSkips:
   """`skipped` / `skipped_paths` of a batch iterator holding `_bad`."""
   _bad: _BadImages
@@ -269,7 +256,7 @@ def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
 
   Args:
     index: the training split.
-    batch_size: host-local batch size (see `local_batch_size`).
+    batch_size: host-local batch size (see `sharding.host_batch_size`).
     seed: shuffle and augmentation seed; the same seed, the same batches.
     image_size: side of the decoded square images.
     uncertain_policy, blank_policy, available: see `labels.targets`.
@@ -372,30 +359,6 @@ def eval_batches(index: index_lib.Index, *, batch_size: int, image_size: int,
   bad = _BadImages(on_bad_image)
   return EvalBatches(it.filter(bad), bad, num_batches, batch_size, image_size,
                      len(index.label_names))
-
-
-def to_global(batch: dict[str, np.ndarray], mesh, axis: str = "data"
-              ) -> dict[str, Any]:
-  """Host-local numpy batch -> global jax arrays, rows sharded over `axis`.
-
-  The global batch is the hosts' local batches stacked in host order; each
-  host's rows live on its own devices.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  sharding = jax.sharding.NamedSharding(mesh,
-                                        jax.sharding.PartitionSpec(axis))
-  local_devices = sum(1 for d in mesh.devices.flat
-                      if d.process_index == jax.process_index())
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if value.shape[0] % max(1, local_devices):
-      raise UserError(
-          f"host batch of {value.shape[0]} rows does not split over this "
-          f"host's {local_devices} devices; choose a batch size divisible by "
-          "the number of devices")
-    out[key] = jax.make_array_from_process_local_data(sharding, value)
-  return out
 
 
 def options_from_config(data_config) -> dict[str, Any]:
