@@ -26,18 +26,6 @@ def fail(program: str, message: str) -> None:
   sys.exit(2)
 
 
-def one_line(e: Exception) -> str:
-  """An exception's message on one line.
-
-  absl wraps a config file's exception in a traceback: keep its head and
-  the exception itself.
-  """
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  if not lines:
-    return type(e).__name__
-  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-
-
 def _config_arg(argv: Sequence[str]) -> Optional[str]:
   for i, a in enumerate(argv):
     if a.startswith("--config="):
@@ -83,7 +71,7 @@ def parse_flags(program: str, argv: Sequence[str]):
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    fail(program, unknown_override(argv) or one_line(e))
+    fail(program, unknown_override(argv) or errors.one_line(e))
 
 
 def load_config(program: str, argv: Sequence[str], config_flag) -> Any:
@@ -95,7 +83,7 @@ def load_config(program: str, argv: Sequence[str], config_flag) -> Any:
     config = config_flag.value
     config.keys()  # A config file that failed to load raises only on use.
   except (OSError, ValueError, AttributeError) as e:
-    fail(program, one_line(e))
+    fail(program, errors.one_line(e))
   # Here, not above: config_check imports the modules that name the valid
   # values (JAX among them), and predict answers its flags without them.
   from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top

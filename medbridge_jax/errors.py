@@ -14,6 +14,18 @@ class UserError(Exception):
   """A problem with the user's input, described in one line."""
 
 
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line, whitespace collapsed.
+
+  absl wraps a config file's exception in a traceback: keep its head and
+  the exception itself.
+  """
+  lines = [" ".join(l.split()) for l in str(e).splitlines() if l.strip()]
+  if not lines:
+    return type(e).__name__
+  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
 @contextlib.contextmanager
 def exit_on_user_error(program: str):
   """Turns a `UserError` into `program: error: message` and exit status 2."""

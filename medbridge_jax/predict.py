@@ -31,7 +31,6 @@ error never leaves half a file.
 import concurrent.futures
 import csv
 import dataclasses
-import json
 import os
 import tempfile
 from typing import Callable, Iterator, Optional, Sequence
@@ -46,6 +45,7 @@ import numpy as np
 # second, before they load.
 from medbridge_jax import cli
 from medbridge_jax import errors
+from medbridge_jax import jsonfile
 
 PROGRAM = "medbridge_jax.predict"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -153,18 +153,6 @@ class Loaded:
   chosen_on: str  # The split the thresholds were chosen on.
 
 
-def _read_json(path: str, what: str) -> dict:
-  try:
-    with open(path) as f:
-      body = json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.UserError(f"cannot read {what} {path}: "
-                           f"{_one_line(str(e))}") from None
-  if not isinstance(body, dict):
-    raise errors.UserError(f"{what} {path} does not hold a JSON object")
-  return body
-
-
 def open_run(workdir: str) -> Run:
   """Reads the run's config and thresholds; UserError unless it finished."""
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -178,7 +166,7 @@ def open_run(workdir: str) -> Run:
     raise errors.UserError(
         f"{workdir} has no config.json: not the workdir of a training run "
         f"(python -m medbridge_jax.main --workdir=... writes it)")
-  config = ml_collections.ConfigDict(_read_json(config_path, "run config"))
+  config = ml_collections.ConfigDict(jsonfile.read(config_path, "run config"))
   # thresholds.json (the selected checkpoint's) lists the run's labels in
   # the model's output order.
   thresholds_path = os.path.join(path, "thresholds.json")
@@ -186,7 +174,7 @@ def open_run(workdir: str) -> Run:
     raise errors.UserError(
         f"{workdir} has no thresholds.json: its run has not finished (rerun "
         f"the same training command to finish it)")
-  label_names = tuple(_thresholds(_read_json(thresholds_path,
+  label_names = tuple(_thresholds(jsonfile.read(thresholds_path,
                                              "thresholds file"),
                                   thresholds_path))
   wanted = tuple(config.data.labels)
@@ -277,7 +265,7 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
       except Exception as e:  # pylint: disable=broad-except
         raise errors.UserError(
             f"cannot read the best checkpoint in {folder} "
-            f"({type(e).__name__}: {_one_line(str(e))[:200]}); try "
+            f"({type(e).__name__}: {errors.one_line(e)[:200]}); try "
             f"--checkpoint=latest") from None
       if restored is not None:
         checkpoints.check_config(restored[1].get("config"), config.to_dict())
@@ -322,7 +310,7 @@ def _read(path: str, size: int):
   try:
     return images.read_image(path, size), None
   except errors.UserError as e:
-    return None, _one_line(str(e))
+    return None, errors.one_line(e)
 
 
 def _read_batches(paths: Sequence[str], batch: int, size: int
@@ -490,10 +478,6 @@ def run(workdir: str, inputs: Sequence[str], output: Optional[str] = None,
 
 # ---------------------------------------------------------------------------
 # Command line.
-
-
-def _one_line(text: str) -> str:
-  return " ".join(text.split())
 
 
 def parse_flags(argv):

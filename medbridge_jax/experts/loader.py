@@ -8,7 +8,6 @@ refused: unpickling can run arbitrary code.
 """
 
 import contextlib
-import json
 import os
 from typing import Dict, Optional, Tuple
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medbridge_jax import jsonfile
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import hf_names
 from medbridge_jax.experts import tokenizers
@@ -27,19 +27,6 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 VISION_ONLY = ("clip_vision_model", "siglip_vision_model",
                "clip_text_model", "siglip_text_model")
-
-
-def read_json(path: str, what: str) -> dict:
-  if not os.path.isfile(path):
-    raise UserError(f"{what} not found: {path}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {what} {path}: {e}") from None
-  if not isinstance(data, dict):
-    raise UserError(f"{what} {path} is not a JSON object")
-  return data
 
 
 @contextlib.contextmanager
@@ -156,7 +143,7 @@ def read_tensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     return tensors, {k: single for k in tensors}
   if not os.path.isfile(index):
     _refuse_pickles(path)
-  weight_map = read_json(index, "safetensors index").get("weight_map")
+  weight_map = jsonfile.read(index, "safetensors index").get("weight_map")
   if not isinstance(weight_map, dict) or not weight_map:
     raise UserError(f"{index} has no 'weight_map'")
   tensors, where = {}, {}
@@ -180,7 +167,7 @@ def _preprocessing(path: str, family: str):
   mean, std = FAMILY_MEAN_STD[family]
   file = os.path.join(path, "preprocessor_config.json")
   if os.path.isfile(file):
-    raw = read_json(file, "preprocessor config")
+    raw = jsonfile.read(file, "preprocessor config")
     mean = raw.get("image_mean", mean)
     std = raw.get("image_std", std)
     for key, value in (("image_mean", mean), ("image_std", std)):
@@ -203,7 +190,7 @@ def load(path: str, dtype=jnp.float32,
   path = os.path.abspath(os.path.expanduser(str(path)))
   if not os.path.isdir(path):
     raise UserError(f"expert folder not found: {path}")
-  raw = read_json(os.path.join(path, "config.json"), "config.json")
+  raw = jsonfile.read(os.path.join(path, "config.json"), "config.json")
   vision_cfg, text_cfg = parse_config(raw, os.path.join(path, "config.json"))
   family = vision_cfg.family
   make_tokenizer, max_length = tokenizers.for_folder(

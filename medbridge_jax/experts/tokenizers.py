@@ -6,10 +6,10 @@ package). Files are checked when the expert loads; the tokenizer itself is
 built on first use.
 """
 
-import json
 import os
 from typing import Any, Callable, Tuple
 
+from medbridge_jax import jsonfile
 from medbridge_jax.errors import UserError
 
 
@@ -17,11 +17,7 @@ def _max_length(path: str, max_positions: int) -> int:
   """tokenizer_config.json's model_max_length, capped by the positions."""
   file = os.path.join(path, "tokenizer_config.json")
   if os.path.isfile(file):
-    try:
-      with open(file, encoding="utf-8") as f:
-        n = json.load(f).get("model_max_length")
-    except (OSError, ValueError) as e:
-      raise UserError(f"cannot read {file}: {e}") from None
+    n = jsonfile.read(file, "tokenizer config").get("model_max_length")
     if isinstance(n, int) and 0 < n <= max_positions:
       return n
   return max_positions

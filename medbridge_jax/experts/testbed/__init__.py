@@ -14,12 +14,13 @@ as `experts_setup` numbers them) with `pretrain=PRETRAIN_STEPS`, on all
 generic shapes and with `pretrain_shapes=heldout` (no blobs, no thin lines).
 """
 
-import json
 import os
 import re
 from typing import Iterable, Optional
 
 from medbridge_jax import default_config
+from medbridge_jax import errors
+from medbridge_jax import jsonfile
 from medbridge_jax.experts import random_experts
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -45,9 +46,9 @@ def folder_name(spec: str, seed: int) -> str:
 
 def _read_record(path: str) -> Optional[dict]:
   try:
-    with open(os.path.join(path, "pretraining.json"), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return jsonfile.read(os.path.join(path, "pretraining.json"),
+                         "pre-training record")
+  except errors.UserError:
     return None
 
 
