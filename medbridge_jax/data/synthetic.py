@@ -1,37 +1,10 @@
-"""Synthetic chest X-rays with global and focal findings, in real layouts.
+"""Synthetic chest X-rays in the publishers' folder layouts.
 
-The embedded default data set and the tests' data. Each image is rendered
-from a small anatomical model, deterministically from (seed, patient, study):
-
-  * anatomy, shared by a patient's studies: torso and soft tissue, two lung
-    fields with rounded apices and sharp costophrenic angles, mediastinum with
-    trachea and spine, a heart silhouette, hemidiaphragm domes with a gastric
-    bubble, posterior and anterior ribs (curved bright bands) and clavicles;
-  * per study: patient position (shift, small rotation), inspiration depth,
-    lung vascular texture, exposure (gain, gamma, offset) and quantum noise.
-
-Findings come in two kinds, which `GLOBAL_LABELS` / `FOCAL_LABELS` name:
-
-  * global, visible at the experts' 48-64 px input: Cardiomegaly (heart
-    width / thoracic width 0.53-0.65 against 0.40-0.48), Pleural Effusion (a
-    basal opacity with a meniscus that blunts the costophrenic angle), Edema
-    (a perihilar "bat-wing" haze over both lungs);
-  * focal, a few pixels of the 256 px image: Lung Lesion (one to three
-    nodules, sharp disks 3-4 px across, persistent over a patient's studies)
-    and Pneumothorax (a 1-1.5 px visceral pleural line near the apex and the
-    lateral chest wall, with no lung markings beyond it). Their contrast is
-    many times the noise at full resolution, but 4-5x average pooling smears
-    them below the lung texture (checked in tests/test_data_synthetic.py).
-    Two dose knobs make them easier or harder to see (dose-response
-    experiments): `focal_scale` multiplies the nodules' radius and the
-    pleural line's width, `focal_contrast` their contrast; 1.0 and 1.0 (the
-    defaults) give the images above, bit for bit.
-
-Labels follow CheXpert-like prevalences and co-occurrence: cardiac disease
-(a patient trait) makes effusion and edema more likely, effusion makes edema
-more likely. Training labels are written as a report labeler would: mostly
-blank when the finding is absent, sometimes an explicit 0, uncertain (-1)
-for borderline findings, rarely missed; validation labels are the truth.
+The embedded default data set and the tests' data. `synthetic_draw` draws
+the radiographs (anatomy, global and focal findings, labels, exposure,
+noise); this module writes them as a publisher lays them out, caches them
+and reads them back. The drawing module's public names are re-exported here
+(`render`, `draw_patient`, `LABELS`, ...) so that callers need only this one.
 
 Layouts (`variant`):
 
@@ -39,8 +12,10 @@ Layouts (`variant`):
     exact header, and test_labels.csv as CheXpert's test labels are released
     (Path from test/, labels only); patients 75% / 15% / 10%. Simulated
     findings under their CheXpert names, the other observations blank.
-    Images are JPEG (quality 95, as CheXpert ships JPEG): the focal findings
-    survive it (tested on JPEG-compressed images).
+    Training labels are written as a report labeler would
+    (`synthetic_draw.reported_labels`); validation and test labels are the
+    truth. Images are JPEG (quality 95, as CheXpert ships JPEG): the focal
+    findings survive it (tested on JPEG-compressed images).
   "nih": a domain-shifted look (collimation border, washed-out contrast,
     other gamma, stronger noise, slight blur) in NIH ChestX-ray14's layout:
     Data_Entry_2017_v2020.csv ("Finding Labels" joined by '|', or "No
@@ -67,13 +42,25 @@ from medbridge_jax.data import chexpert
 from medbridge_jax.data import index as index_lib
 from medbridge_jax.data import labels as labels_lib
 from medbridge_jax.data import nih
+from medbridge_jax.data import synthetic_draw as draw
 from medbridge_jax.errors import UserError
 
+# The drawing's public names, for callers of this module.
+VARIANTS = draw.VARIANTS
+GLOBAL_LABELS = draw.GLOBAL_LABELS
+FOCAL_LABELS = draw.FOCAL_LABELS
+LABELS = draw.LABELS  # native names of the "chexpert" variant
+MAX_FOCAL_SCALE = draw.MAX_FOCAL_SCALE
+Patient = draw.Patient
+Study = draw.Study
+check_dose = draw.check_dose
+draw_patient = draw.draw_patient
+draw_study = draw.draw_study
+render = draw.render
+to_uint8 = draw.to_uint8
+
+# Bump when the drawing or a layout changes: it names the cache folder.
 GENERATOR_VERSION = 2
-VARIANTS = ("chexpert", "nih")
-GLOBAL_LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion")
-FOCAL_LABELS = ("Lung Lesion", "Pneumothorax")
-LABELS = GLOBAL_LABELS + FOCAL_LABELS  # native names of the "chexpert" variant
 NIH_NAMES = {"Cardiomegaly": "Cardiomegaly", "Edema": "Edema",
              "Pleural Effusion": "Effusion", "Lung Lesion": "Nodule",
              "Pneumothorax": "Pneumothorax"}
@@ -98,15 +85,6 @@ CHEXPERT_TEST_HEADER = ("Path",) + tuple(
         "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
         "Support Devices", "No Finding"))
 _MARKER = ".complete"
-_VARIANT_CODE = {"chexpert": 1, "nih": 2}
-_REF = 256.0  # sizes in pixels below are at this image size
-# Lung markings: (feature size in pixels, weight) of smooth noise octaves.
-# The 4 px octave is what hides a 3-4 px nodule once 4-5 px are averaged
-# into one; it is smooth, so at full resolution the nodule's sharp edge
-# still stands out (see tests/test_data_synthetic.py).
-_TEXTURE_OCTAVES = ((4, 1.7), (8, 1.0), (16, 1.0))
-# Largest focal_scale: a 2.1 px nodule radius becomes 34 px, a lung's width.
-MAX_FOCAL_SCALE = 16.0
 
 
 def label_names(variant: str) -> tuple[str, ...]:
@@ -117,416 +95,17 @@ def label_names(variant: str) -> tuple[str, ...]:
   return tuple(NIH_NAMES[n] for n in LABELS)
 
 
-# ---------------------------------------------------------------------------
-# The model: a patient's anatomy and a study's findings and exposure.
-
-
-@dataclasses.dataclass(frozen=True)
-class Patient:
-  """Anatomy shared by a patient's studies (lengths in image fractions)."""
-  pid: int
-  sex: str
-  age: int
-  cx: float  # body midline
-  half_width: float  # thorax half-width at the costophrenic angles
-  apex: float  # lung apex height
-  dome: float  # right hemidiaphragm dome height (image left)
-  dome_left: float  # left hemidiaphragm (image right), a little lower
-  mediastinum: float  # mediastinum half-width at the top
-  ctr: float  # cardiothoracic ratio (enlarged if cardiomegaly)
-  heart_height: float  # heart vertical semi-axis
-  cardiomegaly: bool
-  tissue: float  # soft tissue brightness
-  body_extra: float  # soft tissue beyond the ribs
-  rib_period: float
-  rib_phase: float
-  rib_curve: float
-  nodules: tuple  # ((x, y, radius_px_at_256, contrast), ...) anatomical
-
-
-@dataclasses.dataclass(frozen=True)
-class Study:
-  """One radiograph: position, exposure, findings."""
-  index: int  # 0-based study number of the patient
-  seed: tuple  # seeds the texture and noise of the rendering
-  view: str  # "PA" | "AP"
-  age: int
-  shift: tuple  # (dx, dy)
-  angle: float  # radians
-  breath: float  # diaphragm shift
-  gain: float
-  gamma: float
-  offset: float
-  noise: float
-  effusion: tuple  # ((side, height), ...); side -1 image left, +1 right
-  edema: float  # haze strength, 0 = none
-  pneumothorax: tuple  # () or (side, depth, extent, contrast, width_px)
-  show_nodules: bool
-  truth: dict  # label -> severity in [0, 1], or None if absent
-
-
-def draw_patient(seed: int, pid: int, variant: str = "chexpert") -> Patient:
-  """Patient `pid`'s anatomy, a function of (seed, pid, variant) only."""
-  rng = np.random.default_rng([seed, _VARIANT_CODE[variant], pid, 0])
-  u = rng.uniform
-  cardiomegaly = bool(rng.random() < 0.14)
-  half_width = u(0.34, 0.40)
-  patient = dict(
-      pid=pid, sex="Male" if rng.random() < 0.55 else "Female",
-      age=int(np.clip(rng.normal(60, 16), 18, 90)),
-      cx=0.5 + rng.normal(0, 0.01), half_width=half_width,
-      apex=u(0.10, 0.15), dome=u(0.70, 0.76), mediastinum=u(0.05, 0.065),
-      ctr=u(0.53, 0.65) if cardiomegaly else u(0.40, 0.48),
-      heart_height=u(0.12, 0.145), cardiomegaly=cardiomegaly,
-      tissue=u(0.40, 0.50), body_extra=u(0.05, 0.09),
-      rib_period=u(0.058, 0.07), rib_phase=u(0, 1), rib_curve=u(1.0, 1.8))
-  patient["dome_left"] = patient["dome"] + u(0.01, 0.03)
-  nodules = []
-  if rng.random() < 0.11:
-    for _ in range(int(rng.choice([1, 1, 1, 2, 3]))):
-      nodules.append(_nodule_site(rng, patient))
-  return Patient(**patient, nodules=tuple(nodules))
-
-
-def _nodule_site(rng, p) -> tuple:
-  """A nodule inside a lung field, clear of the heart and the borders."""
-  for _ in range(100):
-    side = rng.choice([-1, 1])
-    v = rng.uniform(0.15, 0.8)  # apex -> dome
-    y = p["apex"] + v * (p["dome"] - p["apex"])
-    med = p["mediastinum"] + 0.03 * v
-    lat = p["half_width"] * math.sqrt(min(1.0, (v + 0.05) / 0.45))
-    if lat - med < 0.06:
-      continue
-    t = rng.uniform(med + 0.025, lat - 0.025)
-    x = p["cx"] + side * t
-    hw = p["ctr"] * p["half_width"]
-    hh = p["heart_height"] * 1.12
-    hx, hy = p["cx"] + 0.4 * hw, p["dome_left"] + 0.02 - hh
-    if ((x - hx) / hw) ** 2 + ((y - hy) / hh) ** 2 < 1.4:
-      continue
-    return (x, y, rng.uniform(1.5, 2.1), rng.uniform(0.27, 0.37))
-  return (p["cx"] - 0.2, 0.4, 1.8, 0.3)
-
-
-def draw_study(patient: Patient, seed: int, k: int,
-               variant: str = "chexpert") -> Study:
-  """Study `k` of a patient: findings, position, exposure."""
-  rng = np.random.default_rng(
-      [seed, _VARIANT_CODE[variant], patient.pid, k + 1])
-  u = rng.uniform
-  cardiac = 1.0 if patient.cardiomegaly else 0.0
-  effusion = ()
-  if rng.random() < 0.12 + 0.33 * cardiac:
-    sides = [[-1], [1], [-1, 1]][rng.choice(3, p=[0.35, 0.25, 0.4])]
-    effusion = tuple((s, u(0.035, 0.16)) for s in sides)
-  edema = 0.0
-  if rng.random() < 0.06 + 0.25 * cardiac + 0.12 * bool(effusion):
-    edema = u(0.25, 1.0)
-  pneumothorax = ()
-  if rng.random() < 0.09:
-    pneumothorax = (int(rng.choice([-1, 1])), u(0.018, 0.05), u(0.35, 0.7),
-                    u(0.22, 0.32), u(1.0, 1.6))
-  truth = {
-      "Cardiomegaly": ((patient.ctr - 0.53) / 0.12 if patient.cardiomegaly
-                       else None),
-      "Edema": (edema - 0.25) / 0.75 if edema else None,
-      "Pleural Effusion": (max(h for _, h in effusion) - 0.035) / 0.125
-                          if effusion else None,
-      "Lung Lesion": 1.0 if patient.nodules else None,
-      "Pneumothorax": (pneumothorax[1] - 0.018) / 0.032 if pneumothorax
-                      else None,
-  }
-  nih = variant == "nih"
-  return Study(
-      index=k, seed=(seed, _VARIANT_CODE[variant], patient.pid, k + 1, 7),
-      view="AP" if rng.random() < (0.45 if edema or effusion else 0.3)
-      else "PA",
-      age=min(90, patient.age + k), shift=(rng.normal(0, 0.012),
-                                           rng.normal(0, 0.012)),
-      angle=math.radians(rng.normal(0, 1.5)), breath=rng.normal(0, 0.012),
-      gain=u(0.78, 0.9) if nih else u(0.9, 1.1),
-      gamma=u(1.15, 1.4) if nih else u(0.85, 1.15),
-      offset=u(0.06, 0.12) if nih else u(-0.04, 0.04),
-      noise=u(0.015, 0.022) if nih else u(0.01, 0.02),
-      effusion=effusion, edema=edema, pneumothorax=pneumothorax,
-      show_nodules=bool(patient.nodules), truth=truth)
-
-
-# ---------------------------------------------------------------------------
-# Rendering.
-
-
-def _sigmoid(x):
-  return 0.5 + 0.5 * np.tanh(0.5 * x)
-
-
-def _texture(rng, size: int, cells: int) -> np.ndarray:
-  """Smooth unit-variance noise with features of about size/cells pixels."""
-  white = rng.standard_normal((cells, cells)).astype(np.float32)
-  up = np.asarray(Image.fromarray(white, "F").resize(
-      (size, size), Image.Resampling.BICUBIC))
-  return (up - up.mean()) / (up.std() + 1e-6)
-
-
-def render(patient: Patient, study: Study, size: int = 256,
-           variant: str = "chexpert", focal_scale: float = 1.0,
-           focal_contrast: float = 1.0) -> tuple[np.ndarray, dict]:
-  """Renders one radiograph.
-
-  The smooth anatomy is computed on a half-resolution grid and upsampled
-  (its edges are about two pixels wide anyway); lung texture, the focal
-  findings and the noise are made at full resolution. `focal_scale`
-  multiplies the nodules' radius and the pleural line's width,
-  `focal_contrast` their contrast (see `check_dose`); at 1.0 they change
-  nothing (x * 1.0 is x exactly in floating point).
-
-  Returns:
-    (image, geometry): float32 (size, size) in [0, 1] before quantisation,
-    and where the focal findings are, in pixels: "nodules": [(row, col,
-    radius)], "pleural_line": bool (size, size) mask of the pneumothorax
-    line, "lungs": bool (size, size) mask of the lung fields.
-  """
-  rng = np.random.default_rng(list(study.seed))
-  n = max(32, size // 2)
-  anatomy, amplitude, lungs = _anatomy(patient, study, n)
-  img = _upsample(anatomy, size)
-  texture = sum(w * _texture(rng, size, max(4, size // cell))
-                for cell, w in _TEXTURE_OCTAVES)
-  img += _upsample(amplitude, size) * texture
-  line = _pleural_line(patient, study, size, focal_scale)
-  if study.pneumothorax:
-    img += study.pneumothorax[3] * focal_contrast * line
-  nodules = []
-  if study.show_nodules:
-    for nx, ny, radius, contrast in patient.nodules:
-      nodules.append(_disk(img, nx, ny, radius * focal_scale * size / _REF,
-                           contrast * focal_contrast, study, size))
-  # Exposure, blur (NIH), collimation border, quantum noise.
-  img = np.clip(img, 1e-6, 1)
-  img = study.offset + study.gain * np.exp(study.gamma * np.log(img))
-  if variant == "nih":
-    img = _blur(img)
-    border = int(rng.integers(0, max(1, size // 25)))
-    if border:
-      img[:border] = img[-border:] = 0.02
-  # Triangular noise of standard deviation `noise` (uniforms are 4x cheaper
-  # to draw than normals; the shape is irrelevant here).
-  u = rng.random((2, size, size), dtype=np.float32)
-  img += (study.noise * math.sqrt(6.0)) * (u[0] + u[1] - 1.0)
-  return np.clip(img, 0, 1), {"nodules": nodules, "pleural_line": line > 0.5,
-                              "lungs": _upsample(lungs, size) > 0.5}
-
-
-def _upsample(a: np.ndarray, size: int) -> np.ndarray:
-  if a.shape[0] == size:
-    return a.astype(np.float32)
-  return np.array(Image.fromarray(a.astype(np.float32), "F").resize(
-      (size, size), Image.Resampling.BILINEAR))
-
-
-def _grid(patient: Patient, study: Study, size: int):
-  """Anatomical (x, y) of each pixel centre: shift and rotation undone."""
-  c = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-  yy, xx = c[:, None] - study.shift[1], c[None, :] - study.shift[0]
-  ca, sa = math.cos(study.angle), math.sin(study.angle)
-  return (ca * xx + sa * yy) + 0.5, (-sa * xx + ca * yy) + 0.5
-
-
-class _Lungs:
-  """The lung-field geometry on a grid."""
-
-  def __init__(self, p: Patient, s: Study, x, y):
-    self.t = np.abs(x - p.cx)  # distance from the midline
-    self.side = np.where(x < p.cx, -1, 1).astype(np.int8)
-    self.dome = np.where(self.side < 0, p.dome, p.dome_left) + s.breath
-    self.height = self.dome - p.apex
-    self.v = (y - p.apex) / self.height  # 0 at the apex, 1 at the dome
-    vc = np.clip(self.v, 0, 1)
-    self.med = p.mediastinum + 0.03 * vc
-    self.q = np.clip((self.v + 0.05) / 0.45, 0, 1)
-    self.lat = p.half_width * np.sqrt(self.q)
-    frac = np.clip((self.t - self.med) / (p.half_width - self.med), 0, 1)
-    self.frac = frac
-    self.bottom = self.dome + 0.07 * frac * frac
-
-
-def _anatomy(p: Patient, s: Study, n: int):
-  """(image without texture/focal/noise, texture amplitude) on an n-grid."""
-  x, y = _grid(p, s, n)
-  g = _Lungs(p, s, x, y)
-  t, v = g.t, g.v
-  e = 1.0 / n  # edges about one grid pixel wide
-  lung = (_sigmoid((t - g.med) / e) * _sigmoid((g.lat - t) / e)
-          * _sigmoid((g.bottom - y) / e) * (v > -0.05))
-  # Shoulders: the body widens above the apices.
-  shoulder = 0.07 * _sigmoid((p.apex + 0.02 - y) / 0.03)
-  body = _sigmoid((p.half_width + p.body_extra + shoulder - t) / (3 * e))
-  beyond = 0.0
-  if s.pneumothorax:
-    pside, depth, extent = s.pneumothorax[:3]
-    beyond = (_sigmoid(-(g.lat - depth - t) / e) * lung * (g.side == pside)
-              * _sigmoid((extent - v) / 0.03))
-  hilum = np.exp(-((t - g.med - 0.05) / 0.07) ** 2 - ((v - 0.45) / 0.2) ** 2)
-  amplitude = 0.032 * (0.6 + 0.9 * hilum) * lung * (1.0 - beyond)
-  img = np.float32(0.04) + (p.tissue - 0.04) * body
-  air = 0.2 + 0.09 * hilum - 0.03 * beyond
-  img = img + lung * (air - img)
-  if s.edema:
-    batwing = 0.45 + 0.55 * np.exp(-((t - g.med) / 0.12) ** 2)
-    img = img + lung * (0.09 + 0.09 * s.edema) * batwing
-  for eside, eh in s.effusion:
-    level = g.bottom - eh * (0.45 + 0.8 * g.frac * np.sqrt(g.frac))
-    fluid = _sigmoid((y - level) / 0.01) * lung * (g.side == eside)
-    img = img + fluid * (0.52 - img) * 0.9
-    amplitude = amplitude * (1.0 - 0.8 * fluid)
-  # Mediastinum, trachea, spine.
-  centre = _sigmoid((g.med - t) / e) * (v > -0.4) * body
-  img = img + centre * (0.58 - img)
-  trachea = _sigmoid((0.012 - t) / e) * _sigmoid((0.3 - v) / 0.02)
-  img = img - 0.14 * trachea
-  spine = _sigmoid((0.03 - t) / (2 * e))
-  img = img + 0.05 * spine * (0.5 + 0.5 * np.cos(2 * np.pi * y / p.rib_period))
-  # Heart: an ellipse resting on the left dome, 30% of it right of the midline.
-  hw = p.ctr * p.half_width
-  hh = p.heart_height * (1.12 if p.cardiomegaly else 1.0)
-  hx = p.cx + 0.4 * hw
-  hy = p.dome_left + s.breath + 0.02 - hh
-  rho = np.sqrt(((x - hx) / hw) ** 2 + ((y - hy) / hh) ** 2)
-  heart = _sigmoid((1 - rho) * min(hw, hh) / e)
-  img = img + heart * (0.6 - img)
-  amplitude = amplitude * (1.0 - heart) * (1.0 - centre)
-  # Below the diaphragm: liver and stomach, with the gastric bubble.
-  below = (_sigmoid((y - g.bottom) / e) * body * (v > 0.5)
-           * _sigmoid((p.half_width + 0.02 - t) / e))
-  img = img + below * (0.6 - img)
-  bubble = np.exp(-((x - p.cx - 0.15) / 0.045) ** 2
-                  - ((y - p.dome_left - s.breath - 0.045) / 0.022) ** 2)
-  img = img - 0.2 * bubble * below
-  # Bones: posterior and anterior ribs, clavicles.
-  chest = (_sigmoid((p.half_width + 0.015 - t) / e) * _sigmoid((t - 0.03) / e)
-           * _sigmoid((v + 0.2) / 0.02) * _sigmoid((1.05 - v) / 0.02))
-  r = (y - p.rib_curve * (t - 0.1) ** 2) / p.rib_period + p.rib_phase
-  posterior = np.exp(-((r - np.floor(r) - 0.5) / 0.2) ** 2)
-  r2 = (y + 0.55 * t - 0.8 * p.rib_curve * (t - 0.25) ** 2) / (
-      1.3 * p.rib_period) + 0.3 * p.rib_phase
-  anterior = np.exp(-((r2 - np.floor(r2) - 0.5) / 0.15) ** 2)
-  img = img + chest * (0.085 * posterior + 0.04 * anterior) * (1 - 0.6 * heart)
-  clavicle = np.exp(-((y - (p.apex + 0.03 - 0.15 * (t - 0.05))) / 0.011) ** 2)
-  img = img + 0.1 * clavicle * _sigmoid((t - 0.04) / e) * _sigmoid(
-      (p.half_width + 0.05 - t) / e)
-  return img, amplitude, lung
-
-
-def _pleural_line(p: Patient, s: Study, size: int,
-                  scale: float = 1.0) -> np.ndarray:
-  """Coverage (size, size) of the pneumothorax's visceral pleural line,
-  `scale` times its drawn width.
-
-  The line runs `depth` inside the lung's lateral border t = lat(y), from the
-  apex down to `extent` of the lung height; its distance to the pixel is
-  |f| / |grad f| for f = lat - depth - t, exact to first order.
-  """
-  line = np.zeros((size, size), np.float32)
-  if not s.pneumothorax:
-    return line
-  pside, depth, extent, _, width = s.pneumothorax
-  x, y = _grid(p, s, size)
-  g = _Lungs(p, s, x, y)
-  # d lat / d y, infinite at the apex (where the border is horizontal).
-  dlat = (p.half_width * 0.5 / np.sqrt(np.maximum(g.q, 1e-4))
-          / (0.45 * g.height)) * (g.q < 1)
-  dist = np.abs(g.lat - depth - g.t) / np.sqrt(1.0 + dlat * dlat) * size
-  along = _sigmoid((extent - g.v) / 0.03) * (g.side == pside)
-  line = np.clip(width * scale * size / _REF / 2 + 0.5 - dist, 0, 1) * along
-  line *= (g.lat > g.med + depth + 0.01) * (g.v > -0.05)
-  return line.astype(np.float32)
-
-
-def _blur(a: np.ndarray) -> np.ndarray:
-  """Separable [1, 3, 1] / 5 blur, about a Gaussian of sigma 0.55 px: the NIH
-  scanner's softer modulation transfer."""
-  p = np.pad(a, 1, mode="edge")
-  p = (p[:-2] + 3 * p[1:-1] + p[2:]) / 5
-  return ((p[:, :-2] + 3 * p[:, 1:-1] + p[:, 2:]) / 5).astype(np.float32)
-
-
-def _disk(img, nx, ny, radius, contrast, study, size):
-  """Adds an antialiased sharp disk at anatomical (nx, ny); returns where."""
-  dx, dy = study.shift
-  ca, sa = math.cos(study.angle), math.sin(study.angle)
-  ax, ay = nx - 0.5, ny - 0.5
-  x = ca * ax - sa * ay + 0.5 + dx  # image fraction
-  y = sa * ax + ca * ay + 0.5 + dy
-  col, row = x * size - 0.5, y * size - 0.5  # pixel-centre coordinates
-  r0, c0 = int(math.floor(row)), int(math.floor(col))
-  k = int(math.ceil(radius)) + 2
-  rows = np.arange(max(0, r0 - k), min(size, r0 + k + 1))
-  cols = np.arange(max(0, c0 - k), min(size, c0 + k + 1))
-  if rows.size and cols.size:
-    d = np.sqrt((rows[:, None] - row) ** 2 + (cols[None, :] - col) ** 2)
-    cover = np.clip(radius + 0.5 - d, 0, 1)
-    img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] += contrast * cover
-  return row, col, radius
-
-
-def to_uint8(image01: np.ndarray) -> np.ndarray:
-  return np.rint(np.clip(image01, 0, 1) * 255).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------
-# Labels as written.
-
-
-def _reported(study: Study, rng) -> dict:
-  """Training-set codes for the simulated labels, as a report labeler gives."""
-  out = {}
-  for name in LABELS:
-    severity = study.truth[name]
-    r = rng.random()
-    if severity is not None:
-      unsure = 0.3 if severity < 0.25 else 0.05
-      out[name] = -1.0 if r < unsure else (math.nan if r < unsure + 0.02
-                                           else 1.0)
-    else:
-      out[name] = -1.0 if r < 0.02 else (0.0 if r < 0.3 else math.nan)
-  return out
-
-
-def _true(study: Study) -> dict:
-  return {n: 0.0 if study.truth[n] is None else 1.0 for n in LABELS}
-
-
-# ---------------------------------------------------------------------------
-# Writing the data sets.
-
-
 def _check_variant(variant: str) -> None:
   if variant not in VARIANTS:
     raise UserError(f"synthetic variant {variant!r} is not one of {VARIANTS}")
-
-
-def check_dose(focal_scale: float, focal_contrast: float) -> None:
-  """UserError unless 0 < focal_scale <= MAX_FOCAL_SCALE and
-  focal_contrast >= 0 (0 draws the focal findings invisible: labels only)."""
-  scale, contrast = float(focal_scale), float(focal_contrast)
-  if not (math.isfinite(scale) and 0 < scale <= MAX_FOCAL_SCALE):
-    raise UserError(f"data.synthetic.focal_scale={focal_scale} must be in "
-                    f"(0, {MAX_FOCAL_SCALE:g}]")
-  if not (math.isfinite(contrast) and contrast >= 0):
-    raise UserError(f"data.synthetic.focal_contrast={focal_contrast} must be "
-                    f"0 or more")
-
-
-def _num_studies(rng) -> int:
-  return int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
 
 
 def _held_out(num_patients: int, seed: int, variant: str,
               fractions: dict) -> dict:
   """Patient id (1-based) -> held-out split name, exact seeded shares."""
   perm = np.random.default_rng(
-      [seed, _VARIANT_CODE[variant], 0, 99]).permutation(num_patients) + 1
+      [seed, draw.VARIANT_CODES[variant], 0, 99]).permutation(
+          num_patients) + 1
   out, start = {}, 0
   for split, fraction in fractions.items():
     n = max(1, round(fraction * num_patients)) if num_patients > 1 else 0
@@ -550,20 +129,12 @@ def generate(out_dir: str, num_patients: int, seed: int = 0,
     _write_nih(out_dir, num_patients, seed, image_size, dose)
 
 
-def _studies(num_patients, seed, variant):
-  for pid in range(1, num_patients + 1):
-    patient = draw_patient(seed, pid, variant)
-    rng = np.random.default_rng([seed, _VARIANT_CODE[variant], pid, 0, 1])
-    for k in range(_num_studies(rng)):
-      yield patient, draw_study(patient, seed, k, variant), rng
-
-
 def _write_chexpert(out_dir, num_patients, seed, size, dose):
   base = os.path.join(out_dir, CHEXPERT_FOLDER)
   held = _held_out(num_patients, seed, "chexpert",
                    {"valid": VALID_FRACTION, "test": TEST_FRACTION})
   rows = {"train": [], "valid": [], "test": []}
-  for patient, study, rng in _studies(num_patients, seed, "chexpert"):
+  for patient, study, rng in draw.studies(num_patients, seed, "chexpert"):
     split = held.get(patient.pid, "train")
     rel = (f"{split}/patient{patient.pid:05d}/study{study.index + 1}/"
            "view1_frontal.jpg")
@@ -571,20 +142,9 @@ def _write_chexpert(out_dir, num_patients, seed, size, dose):
     path = os.path.join(base, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(to_uint8(image), "L").save(path, quality=95)
-    codes = _reported(study, rng) if split == "train" else _true(study)
-    positive = any(codes[n] in (1.0, -1.0) for n in LABELS)
-    if split == "train":  # CheXpert's labeler: 1 or blank
-      codes["No Finding"] = math.nan if positive else 1.0
-    else:
-      codes["No Finding"] = 0.0 if positive else 1.0
-    if split == "test":
-      rows[split].append([rel] + [_fmt(codes.get(n, math.nan))
-                                  for n in CHEXPERT_TEST_HEADER[1:]])
-    else:
-      row = [f"{CHEXPERT_FOLDER}/{rel}", patient.sex, str(study.age),
-             "Frontal", study.view]
-      rows[split].append(row + [_fmt(codes.get(n, math.nan))
-                                for n in chexpert.LABELS])
+    codes = (draw.reported_labels(study, rng) if split == "train"
+             else draw.true_labels(study))
+    rows[split].append(_chexpert_row(split, rel, patient, study, codes))
   files = {"train": ("train.csv", chexpert.HEADER),
            "valid": ("valid.csv", chexpert.HEADER),
            "test": ("test_labels.csv", CHEXPERT_TEST_HEADER)}
@@ -593,6 +153,22 @@ def _write_chexpert(out_dir, num_patients, seed, size, dose):
       w = csv.writer(f, lineterminator="\n")
       w.writerow(header)
       w.writerows(rows[split])
+
+
+def _chexpert_row(split: str, rel: str, patient: Patient, study: Study,
+                  codes: dict) -> list:
+  """A study's CSV row in `split`'s file, "No Finding" added to `codes`."""
+  positive = any(codes[n] in (1.0, -1.0) for n in LABELS)
+  if split == "train":  # CheXpert's labeler: 1 or blank
+    codes["No Finding"] = math.nan if positive else 1.0
+  else:
+    codes["No Finding"] = 0.0 if positive else 1.0
+  if split == "test":
+    return [rel] + [_fmt(codes.get(n, math.nan))
+                    for n in CHEXPERT_TEST_HEADER[1:]]
+  row = [f"{CHEXPERT_FOLDER}/{rel}", patient.sex, str(study.age),
+         "Frontal", study.view]
+  return row + [_fmt(codes.get(n, math.nan)) for n in chexpert.LABELS]
 
 
 def _fmt(code: float) -> str:
@@ -604,7 +180,7 @@ def _write_nih(out_dir, num_patients, seed, size, dose):
   entries, lists = [], {"train_val": [], "test": []}
   spacing = f"{0.143 * 1024 / size:.3f}"
   count = 0
-  for patient, study, _ in _studies(num_patients, seed, "nih"):
+  for patient, study, _ in draw.studies(num_patients, seed, "nih"):
     name = f"{patient.pid:08d}_{study.index:03d}.png"
     folder = f"images_{count // 10000 + 1:03d}/images"
     count += 1
