@@ -15,6 +15,7 @@ from medbridge_jax.data import chexpert
 from medbridge_jax.data import registry
 from medbridge_jax.data import splits
 from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw as draw
 from medbridge_jax.errors import UserError
 
 SIZE = 256
@@ -48,8 +49,7 @@ def _cell_filter(img):
 
 def _jpeg(img01):
   buf = io.BytesIO()
-  Image.fromarray(synthetic.to_uint8(img01), "L").save(buf, "JPEG",
-                                                        quality=95)
+  Image.fromarray(draw.to_uint8(img01), "L").save(buf, "JPEG", quality=95)
   return np.asarray(Image.open(buf), np.float32) / 255
 
 
@@ -58,19 +58,19 @@ def _nodule_pairs(variant, count=20):
   out, pid = [], 0
   while len(out) < count:
     pid += 1
-    patient = synthetic.draw_patient(0, pid, variant)
+    patient = draw.draw_patient(0, pid, variant)
     if not patient.nodules:
       continue
-    study = synthetic.draw_study(patient, 0, 0, variant)
-    img, geo = synthetic.render(patient, study, SIZE, variant)
-    img0, _ = synthetic.render(
+    study = draw.draw_study(patient, 0, 0, variant)
+    img, geo = draw.render(patient, study, SIZE, variant)
+    img0, _ = draw.render(
         patient, dataclasses.replace(study, show_nodules=False), SIZE, variant)
     assert np.abs(img - img0).max() > 0.1  # the only difference: nodules
     out.append((img, img0, ndimage.binary_erosion(geo["lungs"], iterations=4)))
   return out
 
 
-@pytest.mark.parametrize("variant", synthetic.VARIANTS)
+@pytest.mark.parametrize("variant", draw.VARIANTS)
 def test_nodules_are_found_at_full_resolution_but_not_after_pooling(variant):
   """Scan the lungs with a matched filter: does an image contain a nodule?
 
@@ -102,15 +102,15 @@ def test_pleural_line_contrast_drops_below_clutter_after_pooling():
   """Line contrast over pixel-level clutter: high at 256 px, gone at 64."""
   cnr = {1: [], 4: []}
   for pid in range(1, 13):
-    patient = synthetic.draw_patient(0, pid)
-    study = synthetic.draw_study(patient, 0, 0)
+    patient = draw.draw_patient(0, pid)
+    study = draw.draw_study(patient, 0, 0)
     rng = np.random.default_rng(pid)
     ptx = (int(rng.choice([-1, 1])), rng.uniform(0.018, 0.05),
            rng.uniform(0.35, 0.7), rng.uniform(0.22, 0.32),
            rng.uniform(1.0, 1.6))
-    img, geo = synthetic.render(
+    img, geo = draw.render(
         patient, dataclasses.replace(study, pneumothorax=ptx), SIZE)
-    img0, _ = synthetic.render(
+    img0, _ = draw.render(
         patient, dataclasses.replace(study, pneumothorax=()), SIZE)
     assert geo["pleural_line"].sum() > 30
     for k in cnr:
@@ -135,24 +135,24 @@ def _changed_pixels(img, img0, k=4):
 
 
 def test_global_findings_change_much_of_the_64px_view_focal_ones_do_not():
-  patient = next(p for p in (synthetic.draw_patient(0, i) for i in range(1, 99))
+  patient = next(p for p in (draw.draw_patient(0, i) for i in range(1, 99))
                  if not p.cardiomegaly and p.nodules)
   study = dataclasses.replace(
-      synthetic.draw_study(patient, 0, 0), effusion=(), edema=0.0,
+      draw.draw_study(patient, 0, 0), effusion=(), edema=0.0,
       pneumothorax=(), show_nodules=False)
-  base, _ = synthetic.render(patient, study)
+  base, _ = draw.render(patient, study)
   big_heart = dataclasses.replace(patient, ctr=0.6, cardiomegaly=True)
   changes = {
-      "Cardiomegaly": synthetic.render(big_heart, study)[0],
-      "Pleural Effusion": synthetic.render(
+      "Cardiomegaly": draw.render(big_heart, study)[0],
+      "Pleural Effusion": draw.render(
           patient, dataclasses.replace(study, effusion=((-1, 0.08),)))[0],
-      "Edema": synthetic.render(
+      "Edema": draw.render(
           patient, dataclasses.replace(study, edema=0.5))[0],
-      "Lung Lesion": synthetic.render(
+      "Lung Lesion": draw.render(
           patient, dataclasses.replace(study, show_nodules=True))[0],
   }
   counts = {n: _changed_pixels(img, base) for n, img in changes.items()}
-  for name in synthetic.GLOBAL_LABELS:
+  for name in draw.GLOBAL_LABELS:
     assert counts[name] >= 40, counts
   assert counts["Lung Lesion"] <= 4 * len(patient.nodules), counts
 
@@ -180,9 +180,9 @@ _OLD_FILES = {
 def _render_hash(variant, pairs, **dose):
   h = hashlib.sha256()
   for pid, k in pairs:
-    p = synthetic.draw_patient(0, pid, variant)
-    img, geo = synthetic.render(p, synthetic.draw_study(p, 0, k, variant),
-                                SIZE, variant, **dose)
+    p = draw.draw_patient(0, pid, variant)
+    img, geo = draw.render(p, draw.draw_study(p, 0, k, variant), SIZE,
+                           variant, **dose)
     h.update(img.tobytes())
     h.update(np.asarray(geo["pleural_line"]).tobytes())
   return h.hexdigest()
@@ -229,14 +229,14 @@ def test_focal_scale_and_contrast_grow_the_drawn_nodule():
   """Patient 3 of seed 0 has one nodule: radius r px, contrast c. Its drawn
   disk covers the pixels within r + 1/2 of its centre, and adds about
   c * pi * r^2 in all (the antialiased disk's area times its contrast)."""
-  patient = synthetic.draw_patient(0, 3)
+  patient = draw.draw_patient(0, 3)
   (_, _, radius, contrast), = patient.nodules
-  study = _identity_exposure(synthetic.draw_study(patient, 0, 0))
-  img0, _ = synthetic.render(patient, dataclasses.replace(
+  study = _identity_exposure(draw.draw_study(patient, 0, 0))
+  img0, _ = draw.render(patient, dataclasses.replace(
       study, show_nodules=False, pneumothorax=()))
   counts = {}
   for scale, gain in ((1, 1), (2, 1), (4, 1), (1, 2), (2, 0.5)):
-    img, geo = synthetic.render(patient, dataclasses.replace(
+    img, geo = draw.render(patient, dataclasses.replace(
         study, pneumothorax=()), focal_scale=scale, focal_contrast=gain)
     (row, col, r), = geo["nodules"]
     assert r == pytest.approx(radius * scale)
@@ -255,16 +255,16 @@ def test_focal_scale_and_contrast_grow_the_drawn_nodule():
 def test_focal_scale_widens_the_pleural_line():
   """The line's coverage is about `width * scale` pixels across, so what
   it adds doubles with the scale; contrast multiplies it as it is."""
-  patient = synthetic.draw_patient(0, 5)
-  study = _identity_exposure(synthetic.draw_study(patient, 0, 0))
+  patient = draw.draw_patient(0, 5)
+  study = _identity_exposure(draw.draw_study(patient, 0, 0))
   ptx = (1, 0.03, 0.6, 0.3, 1.2)  # side, depth, extent, contrast, width
   study = dataclasses.replace(study, pneumothorax=ptx, show_nodules=False)
-  img0, _ = synthetic.render(patient, dataclasses.replace(
+  img0, _ = draw.render(patient, dataclasses.replace(
       study, pneumothorax=ptx[:3] + (0.0,) + ptx[4:]))
   added, changed, mask = {}, {}, {}
   for scale, gain in ((1, 1), (2, 1), (1, 0.5)):
-    img, geo = synthetic.render(patient, study, focal_scale=scale,
-                                focal_contrast=gain)
+    img, geo = draw.render(patient, study, focal_scale=scale,
+                           focal_contrast=gain)
     added[scale, gain] = float((img - img0).sum())
     changed[scale, gain] = _changed(img, img0)
     mask[scale, gain] = int(geo["pleural_line"].sum())
@@ -283,7 +283,7 @@ def test_dose_knobs_key_the_cache_and_are_checked(tmp_path):
       "synthetic-chexpert-p4-s2-64px-g2")
   assert synthetic.cache_name(4, 2, "chexpert", 64, 0.5, 1) == (
       "synthetic-chexpert-p4-s2-64px-fs0.5-g2")
-  assert synthetic.draw_patient(0, 3).nodules  # Something to draw larger.
+  assert draw.draw_patient(0, 3).nodules  # Something to draw larger.
   default = synthetic.ensure(str(tmp_path), 3, 0, "chexpert", 64)
   big = synthetic.ensure(str(tmp_path), 3, 0, "chexpert", 64, focal_scale=4)
   assert big != default and big.endswith("-fs4.0-g2")
@@ -308,14 +308,23 @@ def test_label_groups():
   assert set(synthetic.LABELS) <= set(chexpert.LABELS)
 
 
+def test_synthetic_reexports_the_drawing_for_its_callers():
+  """resolve, ablate, config_check, bench_lib and the benchmarks reach the
+  drawing through `synthetic`: its names there must be the drawing's own."""
+  for name in ("VARIANTS", "LABELS", "GLOBAL_LABELS", "FOCAL_LABELS",
+               "MAX_FOCAL_SCALE", "Patient", "Study", "check_dose",
+               "draw_patient", "draw_study", "render", "to_uint8"):
+    assert getattr(synthetic, name) is getattr(draw, name), name
+
+
 def test_prevalence_and_co_occurrence():
   truth = []
   for pid in range(1, 1501):
-    patient = synthetic.draw_patient(3, pid)
-    study = synthetic.draw_study(patient, 3, 0)
-    truth.append([study.truth[n] is not None for n in synthetic.LABELS])
+    patient = draw.draw_patient(3, pid)
+    study = draw.draw_study(patient, 3, 0)
+    truth.append([study.truth[n] is not None for n in draw.LABELS])
   truth = np.array(truth)
-  prevalence = dict(zip(synthetic.LABELS, truth.mean(axis=0)))
+  prevalence = dict(zip(draw.LABELS, truth.mean(axis=0)))
   for name, (lo, hi) in {"Cardiomegaly": (0.09, 0.2), "Edema": (0.07, 0.22),
                          "Pleural Effusion": (0.15, 0.3),
                          "Lung Lesion": (0.06, 0.16),
@@ -326,27 +335,25 @@ def test_prevalence_and_co_occurrence():
 
 
 def test_rendering_is_deterministic_and_seeded():
-  p = synthetic.draw_patient(5, 7)
-  a, _ = synthetic.render(p, synthetic.draw_study(p, 5, 1), 128)
-  b, _ = synthetic.render(synthetic.draw_patient(5, 7),
-                          synthetic.draw_study(p, 5, 1), 128)
+  p = draw.draw_patient(5, 7)
+  a, _ = draw.render(p, draw.draw_study(p, 5, 1), 128)
+  b, _ = draw.render(draw.draw_patient(5, 7), draw.draw_study(p, 5, 1), 128)
   np.testing.assert_array_equal(a, b)
-  q = synthetic.draw_patient(6, 7)
-  c, _ = synthetic.render(q, synthetic.draw_study(q, 6, 1), 128)
+  q = draw.draw_patient(6, 7)
+  c, _ = draw.render(q, draw.draw_study(q, 6, 1), 128)
   assert np.abs(a - c).mean() > 0.01
   assert a.dtype == np.float32 and a.shape == (128, 128)
   assert 0 <= a.min() and a.max() <= 1
 
 
 def test_studies_of_a_patient_share_anatomy():
-  p = synthetic.draw_patient(0, 3)
-  s0, s1 = synthetic.draw_study(p, 0, 0), synthetic.draw_study(p, 0, 1)
+  p = draw.draw_patient(0, 3)
+  s0, s1 = draw.draw_study(p, 0, 0), draw.draw_study(p, 0, 1)
   assert s0.seed != s1.seed
-  other = synthetic.draw_patient(0, 4)
-  a = _pool(synthetic.render(p, s0, 128)[0], 8)
-  b = _pool(synthetic.render(p, s1, 128)[0], 8)
-  c = _pool(synthetic.render(other, synthetic.draw_study(other, 0, 0), 128)[0],
-            8)
+  other = draw.draw_patient(0, 4)
+  a = _pool(draw.render(p, s0, 128)[0], 8)
+  b = _pool(draw.render(p, s1, 128)[0], 8)
+  c = _pool(draw.render(other, draw.draw_study(other, 0, 0), 128)[0], 8)
   assert np.abs(a - b).mean() < np.abs(a - c).mean()
 
 
@@ -406,7 +413,7 @@ def test_labels_as_written(chexpert_root):
     for path, written in zip(split.paths, split.labels):
       pid = int(path.split("/patient")[1].split("/")[0])
       k = int(path.split("/study")[1].split("/")[0]) - 1
-      study = synthetic.draw_study(synthetic.draw_patient(1, pid), 1, k)
+      study = draw.draw_study(draw.draw_patient(1, pid), 1, k)
       want = [study.truth[n] is not None for n in synthetic.LABELS]
       np.testing.assert_array_equal(written, want)
 
@@ -466,8 +473,7 @@ def test_nih_variant_layout(tmp_path):
   # Written labels agree with the generator's truth.
   for i, path in enumerate(test.paths):
     pid, k = (int(x) for x in path.split("/")[-1][:-4].split("_"))
-    study = synthetic.draw_study(synthetic.draw_patient(2, pid, "nih"), 2, k,
-                                 "nih")
+    study = draw.draw_study(draw.draw_patient(2, pid, "nih"), 2, k, "nih")
     row = registry.read_index("synthetic", root, "test").labels[i]
     np.testing.assert_array_equal(
         row, [study.truth[n] is not None for n in synthetic.LABELS])
