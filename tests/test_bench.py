@@ -1,9 +1,12 @@
-"""The benchmark harness: FLOP count, JSON lines, compile once, transfer guard,
-and the attention kernel chosen per path. Correctness only: no timings are
-asserted."""
+"""The benchmark package: FLOP count, JSON lines, compile once, transfer
+guard, the attention kernel chosen per path, and the commands its docstrings
+show. Correctness only: no timings are asserted."""
 
+import ast
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,8 +21,9 @@ from medbridge_jax import experts_setup
 from medbridge_jax import optim
 from medbridge_jax import sharding
 from medbridge_jax import train_step
-from medbridge_jax.bench_lib import flops
-from medbridge_jax.bench_lib import timing
+from medbridge_jax.bench import flops
+from medbridge_jax.bench import harness
+from medbridge_jax.bench import timing
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import layers
 from medbridge_jax.experts.vit import VisionConfig
@@ -188,6 +192,45 @@ def test_no_backward_runs_through_a_cudnn_path(mode, cache, monkeypatch):
   with pytest.raises(AssertionError, match="backward pass"):
     # A new function: eval_shape would reuse the first trace of `step`.
     jax.eval_shape(lambda *a: step(*a), state, frozen, batch, None)
+
+
+def test_parse_what_adds_what_each_measurement_needs():
+  assert harness.parse_what("all") == harness.WHAT
+  # train and eval are held to the forward, the forward to the matmul; the
+  # order is always the run order, whatever the flag's.
+  assert harness.parse_what("eval, train") == (
+      "matmul", "forward", "train", "eval")
+  assert harness.parse_what("forward") == ("matmul", "forward")
+  assert harness.parse_what("pipeline,matmul") == ("matmul", "pipeline")
+  for bad in ("bogus", "train,bogus", " , "):
+    with pytest.raises(UserError, match="--what="):
+      harness.parse_what(bad)
+
+
+def test_every_command_in_the_bench_docstrings_exists():
+  """Each standalone benchmark's docstring shows the command that runs it,
+  and every `python -m` command the package's docstrings show names a
+  module that exists."""
+  folder = os.path.join(ROOT, "medbridge_jax", "bench")
+  standalone = set()
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".py"):
+      continue
+    with open(os.path.join(folder, name)) as f:
+      tree = ast.parse(f.read())
+    doc = ast.get_docstring(tree) or ""
+    assert "benchmarks/" not in doc and "bench_lib" not in doc, name
+    for module in re.findall(r"python -m ([\w.]+)", doc):
+      if module != module.lower():
+        continue  # A placeholder, such as medbridge_jax.bench.NAME.
+      assert importlib.util.find_spec(module) is not None, (name, module)
+    if name != "__main__.py" and any(
+        isinstance(n, ast.FunctionDef) and n.name == "main"
+        for n in tree.body):
+      standalone.add(name[:-3])
+      assert f"python -m medbridge_jax.bench.{name[:-3]} " in doc, name
+  assert standalone == {"decode_speed", "focal_probe", "focal_zoom",
+                        "index_speed"}
 
 
 def test_cli_prints_json_lines(cache):

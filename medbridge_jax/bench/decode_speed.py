@@ -1,6 +1,6 @@
 """Per-image cost of DICOM decoding and of preparing a shard record.
 
-  python benchmarks/decode_speed.py [--size=1024] [--repeat=5]
+  python -m medbridge_jax.bench.decode_speed [--size=1024] [--repeat=5]
 
 Writes one VinDr-like DICOM (2500 x 2048, 12 bits in 16, MONOCHROME1, with a
 window) and one RSNA-like DICOM (1024 x 1024, 8 bits), then times, in this

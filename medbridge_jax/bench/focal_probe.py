@@ -1,6 +1,6 @@
 """Can a frozen expert's features see a finding at all? A linear probe.
 
-  python benchmarks/focal_probe.py --expert=DIR --root=SYNTHETIC_ROOT \
+  python -m medbridge_jax.bench.focal_probe --expert=DIR --root=SYNTHETIC_ROOT \
       [--label="Lung Lesion"] [--images=300]
 
 For `--images` validation images of a generated synthetic data set, runs the

@@ -1,6 +1,6 @@
 """Which crop side lets a frozen expert see a focal finding? Crop-level tests.
 
-  python benchmarks/focal_zoom.py --expert=DIR [--finding=nodule|ptx] \
+  python -m medbridge_jax.bench.focal_zoom --expert=DIR [--finding=nodule|ptx] \
       [--crops=0,32,24] [--inject=0] [--queries=16] [--steps=300]
 
 Renders synthetic studies (data.synthetic, which also gives where the

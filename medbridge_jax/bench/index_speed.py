@@ -1,6 +1,6 @@
 """Indexing speed of the label-file readers on publisher-sized fixtures.
 
-  python benchmarks/index_speed.py [--images=377110]
+  python -m medbridge_jax.bench.index_speed [--images=377110]
 
 Writes MIMIC-CXR-JPG (split, metadata, chexpert labels; gzip as PhysioNet
 ships them), VinDr-CXR (3 radiologist rows per image) and RSNA Pneumonia

@@ -30,7 +30,7 @@ from medbridge_jax import optim
 from medbridge_jax import sharding
 from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
-from medbridge_jax.bench_lib import timing
+from medbridge_jax.bench import timing
 from medbridge_jax.data import synthetic
 from medbridge_jax.experts import layers
 from medbridge_jax.experts.vit import VisionTower
