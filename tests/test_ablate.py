@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from medbridge_jax import ablate, errors, experts_setup, train
+from medbridge_jax import errors, experts_setup, train
+from medbridge_jax.ablation import dose, grid, runs, tokens, variants
 from medbridge_jax.data import synthetic
 from medbridge_jax.experts import zero_shot
 from medbridge_jax.model import medbridge
@@ -171,7 +172,7 @@ def test_table_numbers_come_from_the_runs_files(fake, tmp_path):
   config = _config()
   workdir = str(tmp_path / "grid")
   names = ["full", "global_only", "no_moe"]
-  result = ablate.run(config, workdir, names, num_seeds=2)
+  result = grid.run(config, workdir, names, num_seeds=2)
   assert len(fake.calls) == 6
   assert [r["variant"] for r in result["rows"]] == names
   assert result["test_set"] == TEST_SET
@@ -181,9 +182,9 @@ def test_table_numbers_come_from_the_runs_files(fake, tmp_path):
   assert text == result["markdown"]
 
   for row in result["rows"]:
-    runs = [os.path.join(workdir, row["variant"], f"seed{s}")
+    run_dirs = [os.path.join(workdir, row["variant"], f"seed{s}")
             for s in (0, 1)]
-    records = [_final_test_record(r) for r in runs]
+    records = [_final_test_record(r) for r in run_dirs]
     means = [r["mean_auroc"] for r in records]
     assert row["mean_auroc"]["values"] == means
     assert row["mean_auroc"]["mean"] == pytest.approx(np.mean(means),
@@ -225,29 +226,29 @@ def test_runs_are_cached_resumed_and_never_mixed(fake, tmp_path):
   config = _config()
   workdir = str(tmp_path / "grid")
   names = ["full", "global_only"]
-  first = ablate.run(config, workdir, names, num_seeds=2)
+  first = grid.run(config, workdir, names, num_seeds=2)
   assert len(fake.calls) == 4
 
   # Finished runs are reused: no training, the same table.
-  again = ablate.run(config, workdir, names, num_seeds=2)
+  again = grid.run(config, workdir, names, num_seeds=2)
   assert len(fake.calls) == 4 and again["markdown"] == first["markdown"]
 
   # A run without its result file trains again in its own folder (the real
   # trainer resumes there from its checkpoints).
   run_dir = os.path.join(workdir, "global_only", "seed1")
-  os.remove(os.path.join(run_dir, ablate.RESULT_FILE))
-  ablate.run(config, workdir, names, num_seeds=2)
+  os.remove(os.path.join(run_dir, runs.RESULT_FILE))
+  grid.run(config, workdir, names, num_seeds=2)
   assert fake.calls[4:] == [run_dir]
 
   # Stopped by SIGTERM: the table holds the finished variants only; the
   # same command finishes the rest.
   fake.stop = {os.path.join(workdir, "no_moe", "seed0")}
-  stopped = ablate.run(config, workdir, names + ["no_moe"], num_seeds=2)
+  stopped = grid.run(config, workdir, names + ["no_moe"], num_seeds=2)
   assert stopped["stopped"] == os.path.join(workdir, "no_moe", "seed0")
   assert [r["variant"] for r in stopped["rows"]] == names
   assert "rerun the same command to resume" in stopped["markdown"]
   fake.stop = set()
-  done = ablate.run(config, workdir, names + ["no_moe"], num_seeds=2)
+  done = grid.run(config, workdir, names + ["no_moe"], num_seeds=2)
   assert done["stopped"] is None and len(done["rows"]) == 3
 
   # The same sub-workdir asked to run another config: an error, no run.
@@ -255,30 +256,30 @@ def test_runs_are_cached_resumed_and_never_mixed(fake, tmp_path):
   with pytest.raises(errors.UserError,
                      match=r"was made with another config \(train.steps: 4 "
                      r"there, 5 now\)"):
-    ablate.run(_config(**{"train.steps": 5}), workdir, names, num_seeds=2)
+    grid.run(_config(**{"train.steps": 5}), workdir, names, num_seeds=2)
   assert len(fake.calls) == calls
 
 
 def test_seeds_and_variant_configs(fake, tmp_path):
   config = _config(seed=7)
-  ablate.run(config, str(tmp_path), ["linear_probe"], num_seeds=3)
+  grid.run(config, str(tmp_path), ["linear_probe"], num_seeds=3)
   seeds = [json.load(open(os.path.join(tmp_path, "linear_probe", f"seed{s}",
-                                       ablate.REQUEST_FILE)))["seed"]
+                                       runs.REQUEST_FILE)))["seed"]
            for s in (7, 8, 9)]
   assert seeds == [7, 8, 9]
-  grid = ablate.variants(config)
-  c = ablate.variant_config(config, grid["linear_probe"])
+  by_name = variants.for_config(config)
+  c = variants.variant_config(config, by_name["linear_probe"])
   assert (c.model.focal.enabled, c.model.queries.enabled,
           c.model.fusion.enabled, c.model.moe.enabled) == (False,) * 4
-  c = ablate.variant_config(config, grid["local_only"])
+  c = variants.variant_config(config, by_name["local_only"])
   assert c.model.focal.enabled and not c.model.focal.global_view
   with pytest.raises(errors.UserError, match="--seeds=0"):
-    ablate.run(config, str(tmp_path), ["full"], num_seeds=0)
+    grid.run(config, str(tmp_path), ["full"], num_seeds=0)
 
 
 def test_grid_lists_and_heldout_pretraining(monkeypatch):
   config = _config()
-  assert list(ablate.variants(config)) == [
+  assert list(variants.for_config(config)) == [
       "full", "global_only", "local_only", "hires_global", "linear_probe",
       "no_queries", "no_moe", "single_0", "single_1", "shared_crop"]
   # Pre-trained random experts get the held-out-shapes variant where
@@ -286,14 +287,14 @@ def test_grid_lists_and_heldout_pretraining(monkeypatch):
   specs = tuple(f"{s},pretrain=10"
                 for s in tiny_run.TINY["random_experts"])
   config = _config(random_experts=specs)
-  monkeypatch.setattr(ablate, "_heldout_supported", lambda spec: True)
-  grid = ablate.variants(config)
-  assert list(grid)[-1] == "heldout_pretraining"
-  c = ablate.variant_config(config, grid["heldout_pretraining"])
-  assert c.random_experts == tuple(f"{s},{ablate.HELDOUT_ITEM}"
+  monkeypatch.setattr(variants, "_heldout_supported", lambda spec: True)
+  by_name = variants.for_config(config)
+  assert list(by_name)[-1] == "heldout_pretraining"
+  c = variants.variant_config(config, by_name["heldout_pretraining"])
+  assert c.random_experts == tuple(f"{s},{variants.HELDOUT_ITEM}"
                                    for s in specs)
-  monkeypatch.setattr(ablate, "_heldout_supported", lambda spec: False)
-  assert "heldout_pretraining" not in ablate.variants(config)
+  monkeypatch.setattr(variants, "_heldout_supported", lambda spec: False)
+  assert "heldout_pretraining" not in variants.for_config(config)
 
 
 def test_hires_side_matches_full_tokens():
@@ -302,15 +303,15 @@ def test_hires_side_matches_full_tokens():
   each gives 2 x 16^2 = 512 (120 px: 450, 136 px: 578)."""
   from configs import in_domain  # pylint: disable=g-import-not-at-top
   config = in_domain.get_config()
-  assert ablate.training_tokens(config) == 500
-  assert ablate.matched_global_side(config) == 128
+  assert tokens.training_tokens(config) == 500
+  assert tokens.matched_global_side(config) == 128
   config.random_experts = ("clip:width=32,layers=2,heads=2,patch=16,image=64",
                            "siglip:width=32,layers=2,heads=2,patch=8,"
                            "image=48")
   # 5 x 16 + 5 x 36 = 260; multiples of 16: 160 -> 100 + 400 = 500,
   # 128 -> 64 + 256 = 320, 112 -> 49 + 196 = 245 (nearest).
-  assert ablate.training_tokens(config) == 260
-  assert ablate.matched_global_side(config) == 112
+  assert tokens.training_tokens(config) == 260
+  assert tokens.matched_global_side(config) == 112
 
 
 # ---------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def test_each_variant_builds_the_model_it_names(cache):
   config = _config(random_experts=(
       "clip:width=32,layers=2,heads=2,patch=8,image=32",
       "siglip:width=32,layers=2,heads=2,patch=8,image=24"))
-  grid = ablate.variants(config)
+  by_name = variants.for_config(config)
   images = np.random.default_rng(0).random((2, 128, 128)).astype(np.float32)
   loaded = experts_setup.load(config)
   paths = experts_setup.expert_paths(config)[0]
@@ -357,7 +358,7 @@ def test_each_variant_builds_the_model_it_names(cache):
   seen, params_of = {}, {}
   for name in ("full", "global_only", "local_only", "hires_global",
                "linear_probe", "shared_crop", "single_1"):
-    c = ablate.variant_config(config, grid[name])
+    c = variants.variant_config(config, by_name[name])
     keep = slice(None)
     if name == "single_1":  # The very folder full loads as expert 1.
       assert experts_setup.expert_paths(c)[0] == [paths[1]]
@@ -387,7 +388,7 @@ def test_each_variant_builds_the_model_it_names(cache):
   assert seen["shared_crop"][False] == {0: [(2 * 26, 32, 32, 3)],
                                         1: [(2 * 26, 24, 24, 3)]}
   # One whole-image view of G px per expert, with about full's tokens.
-  side = ablate.matched_global_side(config)
+  side = tokens.matched_global_side(config)
   assert seen["hires_global"][True] == {0: [(2, side, side, 3)],
                                         1: [(2, side, side, 3)]}
   hires = 2 * (side // 8) ** 2
@@ -410,10 +411,10 @@ def test_each_variant_builds_the_model_it_names(cache):
 def test_dose_response_levels_data_and_gains(fake, tmp_path, cache):
   config = _config()
   workdir = str(tmp_path / "grid")
-  grid_result = ablate.run(config, workdir, ["full", "global_only"],
+  grid_result = grid.run(config, workdir, ["full", "global_only"],
                            num_seeds=1)
   calls = len(fake.calls)
-  result = ablate.run_dose(config, workdir, scales=(1, 2),
+  result = dose.run_dose(config, workdir, scales=(1, 2),
                            contrasts=(0.5, 1), num_seeds=1)
   levels = [(lv["focal_scale"], lv["focal_contrast"])
             for lv in result["levels"]]
@@ -427,7 +428,7 @@ def test_dose_response_levels_data_and_gains(fake, tmp_path, cache):
   for level, (scale, contrast) in (("dose-fs2.0", (2.0, 1.0)),
                                    ("dose-fc0.5", (1.0, 0.5))):
     asked = json.load(open(os.path.join(workdir, level, "full", "seed0",
-                                        ablate.REQUEST_FILE)))
+                                        runs.REQUEST_FILE)))
     d = asked["data"]
     assert (d["synthetic"]["focal_scale"],
             d["synthetic"]["focal_contrast"]) == (scale, contrast)
@@ -438,9 +439,9 @@ def test_dose_response_levels_data_and_gains(fake, tmp_path, cache):
   text = open(os.path.join(workdir, "dose.md")).read()
   assert text == result["markdown"]
   for level, lv in zip(("", "dose-fs2.0", "dose-fc0.5"), result["levels"]):
-    runs = [os.path.join(workdir, level, v, "seed0")
+    run_dirs = [os.path.join(workdir, level, v, "seed0")
             for v in ("full", "global_only")]
-    point, (lo, hi) = _brute_paired(*runs, list(synthetic.LABELS),
+    point, (lo, hi) = _brute_paired(*run_dirs, list(synthetic.LABELS),
                                     synthetic.FOCAL_LABELS, 40, 0)
     gain = lv["per_seed"][0]["gain"]
     assert gain["mean_difference"] == pytest.approx(point, abs=1e-12)
@@ -455,9 +456,9 @@ def test_dose_needs_generated_data(tmp_path):
   config = _config(**{"data.dataset": "chexpert", "data.root": "/data/x"})
   with pytest.raises(errors.UserError, match="--dose needs the generated "
                      "synthetic data"):
-    ablate.run_dose(config, str(tmp_path), scales=(2,))
+    dose.run_dose(config, str(tmp_path), scales=(2,))
   with pytest.raises(errors.UserError, match="data.synthetic.focal_scale"):
-    ablate.dose_levels((0,), ())
+    dose.dose_levels((0,), ())
 
 
 # ---------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def test_real_runs_end_to_end(cache, tmp_path):
   del cache
   config = tiny_run.tiny_config(**{"eval.bootstrap": 20})
   workdir = str(tmp_path / "grid")
-  result = ablate.run(config, workdir, ["global_only", "linear_probe"],
+  result = grid.run(config, workdir, ["global_only", "linear_probe"],
                       num_seeds=1, reference="global_only")
   base, probe = (os.path.join(workdir, v, "seed0")
                  for v in ("global_only", "linear_probe"))
@@ -499,7 +500,7 @@ def test_real_runs_end_to_end(cache, tmp_path):
 
 def test_unknown_variant_is_a_user_error(tmp_path):
   with pytest.raises(errors.UserError, match="unknown ablation variant 'nope'"):
-    ablate.run(_config(), str(tmp_path), ["full", "nope"])
+    grid.run(_config(), str(tmp_path), ["full", "nope"])
 
 
 @pytest.mark.parametrize("args, message", [

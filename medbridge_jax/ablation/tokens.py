@@ -1,0 +1,63 @@
+"""Compute matching: the experts' input geometry and patch tokens per image."""
+
+import math
+import os
+
+import ml_collections
+
+from medbridge_jax import errors
+
+
+def expert_geometry(config: ml_collections.ConfigDict
+                    ) -> list[tuple[int, int]]:
+  """(input side, patch size) of each expert, without loading weights."""
+  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import loader  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
+  out = []
+  if config.experts:
+    for path in experts_setup.expert_paths(config)[0]:
+      raw = loader.read_json(os.path.join(path, "config.json"),
+                             "expert config")
+      vision, _ = loader.parse_config(raw, path)
+      out.append((vision.image_size, vision.patch_size))
+  else:
+    for spec in experts_setup.as_list(config.random_experts,
+                                      "config.random_experts"):
+      _, v = random_experts.parse_spec(spec)
+      out.append((v["image"], v["patch"]))
+  return out
+
+
+def training_tokens(config: ml_collections.ConfigDict) -> int:
+  """Patch tokens per image in a training step of `config`, all experts."""
+  f = config.model.focal
+  total = 0
+  for side, patch in expert_geometry(config):
+    if f.enabled:
+      total += int(f.num_local) * (side // patch) ** 2
+    if f.global_view or not f.enabled:  # Focal off keeps the global view.
+      total += ((int(f.global_side) or side) // patch) ** 2
+  return total
+
+
+def matched_global_side(config: ml_collections.ConfigDict) -> int:
+  """The whole-image side whose single view per expert costs full's tokens.
+
+  Compute is matched on patch tokens per training image over all experts:
+  full reads 1 + num_local views of each expert's own side; the returned
+  side G (a multiple of every expert's patch, at most data.image_size) is
+  the one whose one view per expert gives the nearest token count (the
+  smaller G on a tie). Default: 5 x 64 + 5 x 36 = 500 tokens; G = 128
+  gives 2 x 256 = 512.
+  """
+  geometry = expert_geometry(config)
+  target = training_tokens(config)
+  step = math.lcm(*(p for _, p in geometry))
+  sides = range(step, int(config.data.image_size) + 1, step)
+  if not sides:
+    raise errors.UserError(
+        f"data.image_size={config.data.image_size} is smaller than the "
+        f"experts' patch ({step} px): no whole-image view to match")
+  return min(sides, key=lambda g: (abs(sum((g // p) ** 2
+                                           for _, p in geometry) - target), g))
