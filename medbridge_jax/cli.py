@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 from absl import flags
 from absl import logging
 
+from medbridge_jax import cache
 from medbridge_jax import errors
 
 
@@ -127,7 +128,6 @@ def enable_compilation_cache() -> None:
   if os.environ.get("MEDBRIDGE_COMPILATION_CACHE", "1") == "0":
     return
   import jax  # pylint: disable=g-import-not-at-top
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(experts_setup.cache_dir(), "jax_compilation"))
+                    cache.path("jax_compilation"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

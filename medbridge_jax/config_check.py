@@ -8,7 +8,7 @@ the config is loaded (`cli.load_config`), before data is generated or
 experts are loaded; `medbridge.settings_from_config` runs `check_model` on
 `config.model`, so a model is never built from an unchecked one.
 
-The valid names come from the modules that use them (`query_encoder.MODES`,
+The valid names come from the modules that use them (`vit.MODES`,
 `focal_sampling.RESIZE_METHODS`, `registry.known()`...): a mode added there
 is valid here at once. This module holds only the rules no other module
 states as data; each says where the rule comes from.
@@ -22,25 +22,22 @@ from typing import Any, Callable, Optional, Sequence
 import ml_collections
 
 from medbridge_jax import default_config
-from medbridge_jax import experts_setup
+from medbridge_jax.experts import from_config
 from medbridge_jax.data import labels as labels_lib
 from medbridge_jax.data import pipeline
 from medbridge_jax.data import registry
 from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import layers
 from medbridge_jax.experts import random_experts
+from medbridge_jax.experts import vit
 from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import losses
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import moe
 from medbridge_jax.model import query_encoder
 
-# losses.class_weights_from_config's choices (it states them only in code).
-CLASS_WEIGHTS = ("none", "balanced")
-# synthetic.ensure's limits on what it generates.
-MIN_SYNTHETIC_PATIENTS = 2
-MIN_SYNTHETIC_IMAGE_SIZE = 64
 
 
 def _model_enums() -> tuple:
@@ -50,7 +47,7 @@ def _model_enums() -> tuple:
       ("attention_impl", layers.ATTENTION_IMPLS),
       ("focal.resize", focal_sampling.RESIZE_METHODS),
       ("focal.train_windows", focal_sampling.TRAIN_WINDOWS),
-      ("queries.mode", query_encoder.MODES),
+      ("queries.mode", vit.MODES),
       ("moe.gating", moe.GATINGS),
   )
 
@@ -61,9 +58,9 @@ def _enums() -> tuple:
       ("data.uncertain_policy", labels_lib.UNCERTAIN_POLICIES),
       ("data.blank_policy", labels_lib.BLANK_POLICIES),
       ("data.on_bad_image", pipeline.BAD_IMAGE_POLICIES),
-      ("data.synthetic.variant", synthetic.VARIANTS),
+      ("data.synthetic.variant", synthetic_draw.VARIANTS),
       ("loss.kind", losses.KINDS),
-      ("loss.class_weights", CLASS_WEIGHTS),
+      ("loss.class_weights", losses.CLASS_WEIGHTS),
   )
 
 
@@ -120,7 +117,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   geometry = _random_expert_geometry(config)
   _check_top_k(config.model.moe,
                len(geometry) if geometry is not None
-               else len(experts_setup.as_list(config.experts,
+               else len(from_config.as_list(config.experts,
                                               "config.experts")))
   # The focal rules need the experts' input sides: those of random experts
   # are in their specs; real experts are checked again when loaded.
@@ -260,11 +257,11 @@ def _dataset(name: str, root: str, key: str) -> tuple[str, str]:
   as `data.resolve` reads it ("synthetic:nih" is a generated variant)."""
   base, _, variant = name.partition(":")
   valid = registry.known() + tuple(f"synthetic:{v}"
-                                   for v in synthetic.VARIANTS)
+                                   for v in synthetic_draw.VARIANTS)
   if base not in registry.known() or (variant and base != "synthetic"):
     one_of(key, name, valid)
   if variant:
-    one_of(key, name, tuple(f"synthetic:{v}" for v in synthetic.VARIANTS))
+    one_of(key, name, tuple(f"synthetic:{v}" for v in synthetic_draw.VARIANTS))
     if root:
       raise UserError(f"{key}={name!r} names generated data: it takes no "
                       f"root (got {root!r})")
@@ -319,12 +316,13 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   if generated:
     # synthetic.ensure's limits, and its dose knobs.
     in_range("config.data.image_size", d.image_size,
-             lambda v: v >= MIN_SYNTHETIC_IMAGE_SIZE,
-             f">= {MIN_SYNTHETIC_IMAGE_SIZE} for generated synthetic data")
+             lambda v: v >= synthetic.MIN_IMAGE_SIZE,
+             f">= {synthetic.MIN_IMAGE_SIZE} for generated synthetic data")
     in_range("config.data.synthetic.num_patients", d.synthetic.num_patients,
-             lambda v: v >= MIN_SYNTHETIC_PATIENTS,
-             f">= {MIN_SYNTHETIC_PATIENTS}")
-    synthetic.check_dose(d.synthetic.focal_scale, d.synthetic.focal_contrast)
+             lambda v: v >= synthetic.MIN_PATIENTS,
+             f">= {synthetic.MIN_PATIENTS}")
+    synthetic_draw.check_dose(d.synthetic.focal_scale,
+                              d.synthetic.focal_contrast)
   chosen = _names(d.labels, "config.data.labels")
   known = chosen
   if not known and base == "synthetic" and not variant and not d.root:
@@ -342,9 +340,9 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 def _random_expert_geometry(config: ml_collections.ConfigDict
                             ) -> Optional[list]:
   """The parsed specs of the random experts in use (None with real ones)."""
-  if experts_setup.as_list(config.experts, "config.experts"):
+  if from_config.as_list(config.experts, "config.experts"):
     return None
-  specs = experts_setup.as_list(config.random_experts,
+  specs = from_config.as_list(config.random_experts,
                                 "config.random_experts")
   if not specs:
     raise UserError("no experts: set config.experts to Hugging Face "

@@ -6,8 +6,7 @@ function maps a global uint8 image batch (B, H, W) to probabilities (B, L);
 (ordered, the last one padded) and gathers every row on every host.
 """
 
-import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from absl import logging
 import jax
@@ -18,32 +17,16 @@ import numpy as np
 from medbridge_jax import metrics
 from medbridge_jax import report
 from medbridge_jax import sharding
+from medbridge_jax.data import labels
+from medbridge_jax.data import pipeline
+from medbridge_jax.experts import expert as expert_lib
+from medbridge_jax.experts import zero_shot
+from medbridge_jax.model import partition
 
 ImageFn = Callable[[jax.Array], jax.Array]  # uint8 (B, H, W) -> probs (B, L)
 
 
-@dataclasses.dataclass
-class EvalSet:
-  """One split to evaluate, its label columns in the training labels' order."""
-  name: str  # e.g. "synthetic/valid"; the report's section title.
-  index: Any  # data.index.Index, harmonised to the training labels.
-  available: np.ndarray  # (L,) bool: labels this data set has at all.
-  targets: np.ndarray  # (N, L) float32, after the label policies.
-  mask: np.ndarray  # (N, L) float32, 0 = unknown.
-
-
-def make_eval_set(name: str, index, label_names: Sequence[str],
-                  data_config) -> EvalSet:
-  """Harmonises `index` to `label_names` and applies the label policies."""
-  from medbridge_jax.data import labels  # pylint: disable=g-import-not-at-top
-  available = labels.available(index.label_names, label_names)
-  index = labels.harmonise(index, label_names)
-  targets, mask = labels.targets(index.labels, data_config.uncertain_policy,
-                                 data_config.blank_policy, available)
-  return EvalSet(name, index, available, targets, mask)
-
-
-def predict(fn: ImageFn, eval_set: EvalSet, batch_size: int, mesh,
+def predict(fn: ImageFn, eval_set: labels.LabelledSplit, batch_size: int, mesh,
             data_config) -> tuple[np.ndarray, np.ndarray]:
   """fn's probabilities for every row of the split, on every host.
 
@@ -51,7 +34,6 @@ def predict(fn: ImageFn, eval_set: EvalSet, batch_size: int, mesh,
     (probs (N, L) float64, seen (N,) bool); a row is unseen only when its
     image was skipped as unreadable (config.data.on_bad_image="skip").
   """
-  from medbridge_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   n, num_labels = eval_set.targets.shape
   probs = np.zeros((n, num_labels))
   seen = np.zeros(n, bool)
@@ -81,13 +63,11 @@ def make_model_fn(model) -> Callable[..., jax.Array]:
   Built once per run and called with the current parameters, so periodic
   evaluations reuse one compilation.
   """
-  from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def fn(trainable, frozen, images):
     params = partition.merge(trainable, frozen)
-    logits, _ = model.apply({"params": params},
-                            images.astype(jnp.float32) / 255.0, train=False)
+    logits, _ = model.apply({"params": params}, images, train=False)
     return jax.nn.sigmoid(logits.astype(jnp.float32))
 
   return fn
@@ -99,22 +79,21 @@ def make_zero_shot_fn(expert, prompt_embeddings) -> ImageFn:
   The whole stored image is resized (antialiased) to the expert's input side,
   as a plain CLIP/SigLIP user would feed it.
   """
-  from medbridge_jax.experts import zero_shot  # pylint: disable=g-import-not-at-top
   side = int(expert.image_size)
 
   @jax.jit
   def fn(params, prompts, images):
-    x = images.astype(jnp.float32) / 255.0
+    x = expert_lib.unit_range(images)
     x = jax.image.resize(x, (x.shape[0], side, side), "linear", antialias=True)
-    pixels = expert.normalize(x[..., None])
+    pixels = expert.normalize_pixels(x[..., None])
     feats = expert.vision.apply({"params": params}, pixels)[0]
     return zero_shot.probabilities(feats, prompts, expert)
 
   return lambda images: fn(expert.params["vision"], prompt_embeddings, images)
 
 
-def evaluate(fn: ImageFn, eval_set: EvalSet, *, batch_size: int, mesh,
-             data_config, label_names: Sequence[str],
+def evaluate(fn: ImageFn, eval_set: labels.LabelledSplit, *, batch_size: int,
+             mesh, data_config, label_names: Sequence[str],
              mean_labels: Sequence[str] = (), bootstrap: int = 0,
              seed: int = 0) -> report.Result:
   """Predicts the split and computes every metric.

@@ -22,10 +22,10 @@ threshold stored with the loaded checkpoint (chosen on the validation split
 when that very state was evaluated, so best and latest each use their own),
 joined by ";". A label without a threshold (one class only in the validation
 data) is never listed. The experts' towers must be the ones the checkpoint
-was trained with (their fingerprints are compared). With --skip_bad an unreadable image gets
-no row and a warning counts them; without it the first one is an error
-naming the file. The CSV is written to a temporary file and renamed, so an
-error never leaves half a file.
+was trained with (their fingerprints are compared). With --skip_bad an
+unreadable image gets no row and a warning counts them; without it the first
+one is an error naming the file. The CSV is written to a temporary file and
+renamed, so an error never leaves half a file.
 """
 
 import concurrent.futures
@@ -215,7 +215,7 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   from medbridge_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top
   from medbridge_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   from medbridge_jax import optim  # pylint: disable=g-import-not-at-top
   from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
   from medbridge_jax import train_state  # pylint: disable=g-import-not-at-top
@@ -235,8 +235,8 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
     raise errors.UserError(f"no {checkpoint} checkpoint in {folder}{hint}")
 
   config = run.config
-  experts_setup.announce(config)
-  experts = experts_setup.load(config)
+  from_config.announce(config)
+  experts = from_config.load(config)
   # The head's text initialisation only sets initial values, which the
   # checkpoint replaces: skip the prompts' text forward (and tokenizers).
   build_config = ml_collections.ConfigDict(config.to_dict())

@@ -42,7 +42,7 @@ from medbridge_jax import checkpoints
 from medbridge_jax import config_check
 from medbridge_jax import errors
 from medbridge_jax import evaluate
-from medbridge_jax import experts_setup
+from medbridge_jax.experts import from_config
 from medbridge_jax import metrics
 from medbridge_jax import optim
 from medbridge_jax import report
@@ -104,7 +104,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Builds a run: resumes from the workdir's newest checkpoint if any."""
   config_check.check(config)  # Before anything is written or generated.
   workdir = prepare_workdir(workdir)
-  experts_setup.announce(config)
+  from_config.announce(config)
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(int(tc.batch_size), mesh, "config.train.batch_size",
@@ -115,8 +115,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   logging.info("Data: %d train / %d %s / %d %s images, %d labels.",
                len(data.train.index), len(data.valid.index), data.valid.name,
                len(data.test.index), data.test.name, len(data.label_names))
-  experts = experts_setup.load(config)
-  names = experts_setup.display_names(experts, bool(config.experts))
+  experts = from_config.load(config)
+  names = from_config.display_names(experts, bool(config.experts))
   prompts = [zero_shot.prompt_embeddings(e, list(data.label_names),
                                          config.zero_shot.positive,
                                          config.zero_shot.negative)

@@ -43,8 +43,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   def step_fn(state, frozen, batch, class_weights):
     key = jax.random.fold_in(step_key, state["step"])
-    images = batch["image"].astype(jnp.float32) / 255.0
-    args = (images, batch["targets"], batch["mask"])
+    # uint8 as the pipeline gives them: the model scales them on the device.
+    args = (batch["image"], batch["targets"], batch["mask"])
     # The full batch's denominator, known before any micro-batch runs.
     known = losses.known_count(batch["mask"])
     if accum == 1:

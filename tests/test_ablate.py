@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from medbridge_jax import errors, experts_setup, train
+from medbridge_jax import errors, from_config, train
 from medbridge_jax.ablation import dose, grid, runs, tokens, variants
 from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw
 from medbridge_jax.experts import zero_shot
 from medbridge_jax.model import medbridge
 from tests import tiny_run
@@ -46,9 +47,9 @@ def _test_split():
   """(targets, mask, patients) of the stand-in test split: 30 patients of
   two images, one label (Edema) without positives: its AUROC is undefined."""
   rng = np.random.default_rng(123)
-  n, l = 60, len(synthetic.LABELS)
+  n, l = 60, len(synthetic_draw.LABELS)
   targets = (rng.random((n, l)) < 0.35).astype(np.float32)
-  targets[:, synthetic.LABELS.index("Edema")] = 0
+  targets[:, synthetic_draw.LABELS.index("Edema")] = 0
   mask = (rng.random((n, l)) > 0.1).astype(np.float32)
   patients = np.repeat([f"patient{i:05d}" for i in range(30)], 2)
   return targets, mask, patients
@@ -56,7 +57,7 @@ def _test_split():
 
 def _sk_auroc(probs, targets, mask):
   out = {}
-  for j, name in enumerate(synthetic.LABELS):
+  for j, name in enumerate(synthetic_draw.LABELS):
     keep = mask[:, j] > 0
     y = targets[keep, j]
     out[name] = (float(skm.roc_auc_score(y, probs[keep, j]))
@@ -93,7 +94,7 @@ class FakeTrainer:
       for r in (dict(step=4, set="synthetic/valid", mean_auroc=0.5), record):
         f.write(json.dumps(r, sort_keys=True) + "\n")
     with open(os.path.join(workdir, "thresholds.json"), "w") as f:
-      json.dump({"thresholds": {n: 0.5 for n in synthetic.LABELS}}, f)
+      json.dump({"thresholds": {n: 0.5 for n in synthetic_draw.LABELS}}, f)
     np.savez(os.path.join(workdir, "predictions_test.npz"), probs=probs,
              targets=targets, mask=mask, patients=patients)
     return record
@@ -191,8 +192,8 @@ def test_table_numbers_come_from_the_runs_files(fake, tmp_path):
                                                       abs=1e-12)
     assert row["mean_auroc"]["sd"] == pytest.approx(np.std(means, ddof=1),
                                                     abs=1e-12)
-    for group, labels in (("global", synthetic.GLOBAL_LABELS),
-                          ("focal", synthetic.FOCAL_LABELS)):
+    for group, labels in (("global", synthetic_draw.GLOBAL_LABELS),
+                          ("focal", synthetic_draw.FOCAL_LABELS)):
       per_seed = [np.mean([r["auroc"][n] for n in labels
                            if r["auroc"][n] is not None]) for r in records]
       assert row[f"{group}_auroc"]["mean"] == pytest.approx(
@@ -207,10 +208,11 @@ def test_table_numbers_come_from_the_runs_files(fake, tmp_path):
     cells = []
     for s, d in zip((0, 1), row["vs_reference"]):
       run_dir = os.path.join(workdir, row["variant"], f"seed{s}")
-      for what, subset in (("mean", synthetic.LABELS),
-                           ("focal", synthetic.FOCAL_LABELS)):
+      for what, subset in (("mean", synthetic_draw.LABELS),
+                           ("focal", synthetic_draw.FOCAL_LABELS)):
         point, (lo, hi) = _brute_paired(run_dir, full[s],
-                                        list(synthetic.LABELS), subset, 40, s)
+                                        list(synthetic_draw.LABELS), subset,
+                                        40, s)
         assert d[what]["mean_difference"] == pytest.approx(point, abs=1e-12)
         assert d[what]["mean_interval"] == pytest.approx([lo, hi],
                                                          abs=1e-12)
@@ -350,10 +352,10 @@ def test_each_variant_builds_the_model_it_names(cache):
       "siglip:width=32,layers=2,heads=2,patch=8,image=24"))
   by_name = variants.for_config(config)
   images = np.random.default_rng(0).random((2, 128, 128)).astype(np.float32)
-  loaded = experts_setup.load(config)
-  paths = experts_setup.expert_paths(config)[0]
+  loaded = from_config.load(config)
+  paths = from_config.expert_paths(config)[0]
   prompts = [zero_shot.prompt_embeddings(
-      e, list(synthetic.LABELS), config.zero_shot.positive,
+      e, list(synthetic_draw.LABELS), config.zero_shot.positive,
       config.zero_shot.negative) for e in loaded]
   seen, params_of = {}, {}
   for name in ("full", "global_only", "local_only", "hires_global",
@@ -361,9 +363,10 @@ def test_each_variant_builds_the_model_it_names(cache):
     c = variants.variant_config(config, by_name[name])
     keep = slice(None)
     if name == "single_1":  # The very folder full loads as expert 1.
-      assert experts_setup.expert_paths(c)[0] == [paths[1]]
+      assert from_config.expert_paths(c)[0] == [paths[1]]
       keep = slice(1, 2)
-    model = medbridge.build(c, loaded[keep], synthetic.LABELS, prompts[keep])
+    model = medbridge.build(c, loaded[keep], synthetic_draw.LABELS,
+                            prompts[keep])
     seen[name] = {}
     seen[name][True], params = _tower_inputs(model, images, True)
     params_of[name] = {"/".join(k) for k in traverse_util.flatten_dict(
@@ -441,8 +444,8 @@ def test_dose_response_levels_data_and_gains(fake, tmp_path, cache):
   for level, lv in zip(("", "dose-fs2.0", "dose-fc0.5"), result["levels"]):
     run_dirs = [os.path.join(workdir, level, v, "seed0")
             for v in ("full", "global_only")]
-    point, (lo, hi) = _brute_paired(*run_dirs, list(synthetic.LABELS),
-                                    synthetic.FOCAL_LABELS, 40, 0)
+    point, (lo, hi) = _brute_paired(*run_dirs, list(synthetic_draw.LABELS),
+                                    synthetic_draw.FOCAL_LABELS, 40, 0)
     gain = lv["per_seed"][0]["gain"]
     assert gain["mean_difference"] == pytest.approx(point, abs=1e-12)
     assert gain["mean_interval"] == pytest.approx([lo, hi], abs=1e-12)
@@ -481,13 +484,13 @@ def test_real_runs_end_to_end(cache, tmp_path):
     # The npz's columns are the labels in the data's order.
     z = np.load(os.path.join(run_dir, "predictions_test.npz"))
     mine = _sk_auroc(z["probs"], z["targets"], z["mask"])
-    for name in synthetic.LABELS:
+    for name in synthetic_draw.LABELS:
       assert (mine[name] is None) == (record["auroc"][name] is None)
       if mine[name] is not None:
         assert mine[name] == pytest.approx(record["auroc"][name], abs=1e-9)
   d = result["rows"][1]["vs_reference"][0]["mean"]
-  point, (lo, hi) = _brute_paired(probe, base, list(synthetic.LABELS),
-                                  synthetic.LABELS, 20, 0)
+  point, (lo, hi) = _brute_paired(probe, base, list(synthetic_draw.LABELS),
+                                  synthetic_draw.LABELS, 20, 0)
   assert d["mean_difference"] == pytest.approx(point, abs=1e-12)
   assert d["mean_interval"] == pytest.approx([lo, hi], abs=1e-12)
   assert [r["variant"] for r in result["zero_shot"]] == [

@@ -17,7 +17,7 @@ import pytest
 
 from medbridge_jax import default_config
 from medbridge_jax import experts as experts_lib
-from medbridge_jax import experts_setup
+from medbridge_jax.experts import from_config
 from medbridge_jax import optim
 from medbridge_jax import sharding
 from medbridge_jax import train_step
@@ -128,7 +128,7 @@ def test_no_backward_runs_through_a_cudnn_path(mode, cache, monkeypatch):
   monkeypatch.setenv("MEDBRIDGE_CACHE", cache)
   specs = ("clip:width=32,layers=3,heads=2,patch=8,image=32,text_layers=1",
            "siglip:width=32,layers=3,heads=2,patch=8,image=32,text_layers=1")
-  experts = [experts_lib.load(experts_setup.random_expert_folder(s, i))
+  experts = [experts_lib.load(from_config.random_expert_folder(s, i))
              for i, s in enumerate(specs)]
   c = default_config.get_default()
   c.model.compute_dtype = "bfloat16"

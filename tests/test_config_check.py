@@ -12,19 +12,19 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from medbridge_jax import ablate
+from medbridge_jax.ablation import variants
 from medbridge_jax import config_check
 from medbridge_jax import default_config
 from medbridge_jax.data import labels as labels_lib
 from medbridge_jax.data import pipeline
-from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import layers
+from medbridge_jax.experts import vit
 from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import losses
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import moe
-from medbridge_jax.model import query_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def _config(**changes):
   """The default config with dotted-key changes ("model.focal.resize")."""
   c = default_config.get_default()
   for key, value in changes.items():
-    ablate.set_key(c, key, value)
+    variants.set_key(c, key, value)
   return c
 
 
@@ -53,8 +53,8 @@ def test_default_config_passes():
 # as the module that uses the key defines them).
 ENUMS = [
     ("model.queries.mode", "non_destructiv", "non_destructive",
-     query_encoder.MODES),
-    ("model.queries.mode", "jiont", "joint", query_encoder.MODES),
+     vit.MODES),
+    ("model.queries.mode", "jiont", "joint", vit.MODES),
     ("model.moe.gating", "topk", "top_k", moe.GATINGS),
     ("model.moe.gating", "perlabel", "per_label", moe.GATINGS),
     ("loss.kind", "asymetric", "asymmetric", losses.KINDS),
@@ -68,7 +68,7 @@ ENUMS = [
     ("data.uncertain_policy", "one", "ones", labels_lib.UNCERTAIN_POLICIES),
     ("data.blank_policy", "zero", "zeros", labels_lib.BLANK_POLICIES),
     ("data.on_bad_image", "skipp", "skip", pipeline.BAD_IMAGE_POLICIES),
-    ("data.synthetic.variant", "chexpret", "chexpert", synthetic.VARIANTS),
+    ("data.synthetic.variant", "chexpret", "chexpert", synthetic_draw.VARIANTS),
     ("data.dataset", "chexpret", "chexpert", None),
     ("data.dataset", "synthetic:nhi", "synthetic:nih", None),
     ("data.train_split", "trian", "train", ("train", "valid", "test", "all")),
@@ -94,7 +94,7 @@ def test_enum_value_far_from_every_name_gets_no_suggestion():
 
 
 def _valid_values():
-  for key, names in (("model.queries.mode", query_encoder.MODES),
+  for key, names in (("model.queries.mode", vit.MODES),
                      ("model.moe.gating", moe.GATINGS),
                      ("loss.kind", losses.KINDS),
                      ("model.focal.resize", focal_sampling.RESIZE_METHODS),
@@ -105,7 +105,7 @@ def _valid_values():
                      ("data.uncertain_policy", labels_lib.UNCERTAIN_POLICIES),
                      ("data.blank_policy", labels_lib.BLANK_POLICIES),
                      ("data.on_bad_image", pipeline.BAD_IMAGE_POLICIES),
-                     ("data.synthetic.variant", synthetic.VARIANTS),
+                     ("data.synthetic.variant", synthetic_draw.VARIANTS),
                      ("loss.class_weights", ("none", "balanced")),
                      ("data.dataset", ("chexpert", "nih", "mimic", "vindr",
                                        "rsna", "synthetic", "synthetic:nih",
@@ -289,10 +289,10 @@ def test_a_run_config_read_back_from_json_passes():
 
 def test_every_ablation_variant_of_the_default_passes():
   config = default_config.get_default()
-  grid = ablate.variants(config)
+  grid = variants.for_config(config)
   assert {"full", "local_only", "hires_global", "linear_probe"} <= set(grid)
   for variant in grid.values():
-    config_check.check(ablate.variant_config(config, variant))
+    config_check.check(variants.variant_config(config, variant))
 
 
 def test_checking_touches_no_device():

@@ -204,14 +204,15 @@ def test_preprocessor_config(folders, clip_copy):
   e = experts.load(clip_copy)
   assert e.image_mean == (0.5, 0.4, 0.3) and e.image_std == (0.1, 0.2, 0.25)
   gray = np.full((2, 4, 4, 1), 0.6, np.float32)
-  x = np.asarray(e.normalize(gray))
+  x = np.asarray(e.normalize_pixels(gray))
   assert x.shape == (2, 4, 4, 3)
   np.testing.assert_allclose(x[0, 0, 0], [1.0, 1.0, 1.2], rtol=1e-5)
   rgb = np.full((4, 4, 3), 0.5, np.float32)  # No batch axis is fine too.
-  np.testing.assert_allclose(np.asarray(e.normalize(rgb))[0, 0], [0, .5, .8],
+  np.testing.assert_allclose(np.asarray(e.normalize_pixels(rgb))[0, 0],
+                             [0, .5, .8],
                              atol=1e-6)
   with pytest.raises(UserError, match="channels last"):
-    e.normalize(np.zeros((2, 3, 4, 4)))
+    e.normalize_pixels(np.zeros((2, 3, 4, 4)))
   os.remove(file)
   assert experts.load(clip_copy).image_std == pytest.approx(
       (0.26862954, 0.26130258, 0.27577711))
@@ -224,7 +225,7 @@ def test_preprocessor_config(folders, clip_copy):
 def test_siglip_default_normalisation(folders):
   e = experts.load(folders["siglip"])
   assert e.image_mean == (0.5, 0.5, 0.5) and e.image_std == (0.5, 0.5, 0.5)
-  np.testing.assert_allclose(e.normalize(np.ones((1, 2, 2, 1))), 1.0)
+  np.testing.assert_allclose(e.normalize_pixels(np.ones((1, 2, 2, 1))), 1.0)
 
 
 def test_tokenize(folders):

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from medbridge_jax import default_config
 from medbridge_jax import experts
-from medbridge_jax import experts_setup
+from medbridge_jax.experts import from_config
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import pretrain
 from medbridge_jax.experts import random_experts
@@ -137,7 +137,7 @@ def _token_blob_auroc(model, variables, vision, key):
   batch = pretrain.generic_images(key, 256, vision.image_size)
   t = pretrain.targets(batch, vision.patch_size)
   out = model.apply({"params": variables},
-                    pretrain.normalize(batch["image"], vision.family))
+                    pretrain.family_pixels(batch["image"], vision.family))
   return roc_auc_score(np.asarray(t["token_blob"]).ravel(),
                        np.asarray(out["token_logits"][..., 0]).ravel())
 
@@ -191,9 +191,9 @@ def test_written_folder_is_pretrained_vision_with_the_same_text(tmp_path):
   # It loads through the same loader as any checkpoint.
   expert = experts.load(trained)
   images = np.random.RandomState(0).rand(2, 32, 32, 1)
-  assert not np.allclose(expert.image_features(expert.normalize(images)),
+  assert not np.allclose(expert.image_features(expert.normalize_pixels(images)),
                          experts.load(plain).image_features(
-                             expert.normalize(images)))
+                             expert.normalize_pixels(images)))
 
 
 def test_start_up_line_says_how_the_experts_were_made(caplog, tmp_path,
@@ -201,9 +201,9 @@ def test_start_up_line_says_how_the_experts_were_made(caplog, tmp_path,
   monkeypatch.setenv("MEDBRIDGE_CACHE", str(tmp_path))
   config = default_config.get_default()
   with caplog.at_level(logging.INFO):
-    experts_setup.announce(config)
+    from_config.announce(config)
     default_config.shrink_for_local_run(config)  # shapes, no pre-training
-    experts_setup.announce(config)
+    from_config.announce(config)
   pretrained, plain = [r.getMessage() for r in caplog.records
                        if "No pretrained experts configured" in r.getMessage()]
   for line in (pretrained, plain):

@@ -106,7 +106,7 @@ def test_transformers_loads_the_folder_and_agrees(spec, tmp_path):
   # Features agree (HF inputs NCHW, ours NHWC).
   rng = np.random.RandomState(0)
   images = rng.rand(2, expert.image_size, expert.image_size, 1)
-  pixels = np.asarray(expert.normalize(images))
+  pixels = np.asarray(expert.normalize_pixels(images))
   with torch.no_grad():
     t_px = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
     ref_img = model.get_image_features(pixel_values=t_px)

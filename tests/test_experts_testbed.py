@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 from medbridge_jax import default_config
 from medbridge_jax import experts
-from medbridge_jax import experts_setup
+from medbridge_jax.experts import from_config
 from medbridge_jax.experts import pretrain
 from medbridge_jax.experts import random_experts
 from medbridge_jax.experts import testbed
@@ -52,13 +52,13 @@ def test_ships_both_shapes_on_both_variants():
 def test_default_config_loads_the_shipped_experts(tmp_path, monkeypatch):
   monkeypatch.setenv("MEDBRIDGE_CACHE", str(tmp_path))
   config = default_config.get_default()
-  paths, generated = experts_setup.expert_paths(config)
+  paths, generated = from_config.expert_paths(config)
   assert generated  # Test-bed experts, not real checkpoints.
   assert paths == [os.path.join(testbed.ROOT, testbed.folder_name(s, i))
                    for i, s in enumerate(config.random_experts)]
   heldout = [s for s, _ in SHIPPED if "heldout" in s]
   config.random_experts = tuple(heldout)
-  paths, _ = experts_setup.expert_paths(config)
+  paths, _ = from_config.expert_paths(config)
   assert all(os.path.dirname(p) == testbed.ROOT and "heldout" in p
              for p in paths)
   assert not os.listdir(tmp_path)  # Nothing written, nothing pre-trained.
@@ -119,7 +119,8 @@ def test_shipped_folder_is_its_spec_with_a_trained_vision_tower(
   _, v = random_experts.parse_spec(spec)
   assert expert.image_size == v["image"]
   images = np.random.RandomState(0).rand(2, v["image"], v["image"], 1)
-  assert np.all(np.isfinite(expert.image_features(expert.normalize(images))))
+  pixels = expert.normalize_pixels(images)
+  assert np.all(np.isfinite(expert.image_features(pixels)))
 
 
 def test_the_command_regenerates_bit_equal_folders(tmp_path):
@@ -164,7 +165,7 @@ def test_an_unshipped_spec_pretrains_into_the_cache_with_progress(
   monkeypatch.setenv("MEDBRIDGE_CACHE", str(tmp_path))
   spec = "clip:width=16,layers=1,heads=2,patch=8,image=16,pretrain=3"
   with caplog.at_level(logging.INFO):
-    path = experts_setup.random_expert_folder(spec, 0)
+    path = from_config.random_expert_folder(spec, 0)
   assert path.startswith(str(tmp_path))
   assert _json(path, "pretraining.json")["steps"] == 3
   lines = [r.getMessage() for r in caplog.records

@@ -118,7 +118,8 @@ def test_shapes_dtypes_and_param_layout(main, experts):
 def test_non_destructive_stream_is_the_plain_backbone(experts):
   """The frozen summary equals the expert's own image features, bit for bit."""
   e = experts[0]
-  pixels = e.normalize(jax.random.uniform(jax.random.key(1), (4, 32, 32, 1)))
+  pixels = e.normalize_pixels(
+      jax.random.uniform(jax.random.key(1), (4, 32, 32, 1)))
   probe = ProbeEncoder(e.vision.clone(), "non_destructive", 3, 1)
   queries = jax.random.normal(jax.random.key(0), (3, 32))
   variables = {"params": {"tower": e.params["vision"],
@@ -209,7 +210,7 @@ def test_all_off_is_the_zero_shot_linear_probe(experts, prompts, fusion):
   logits, aux = eval_fn(model)(params, x)
   for k, e in enumerate(experts):
     view = focal_sampling.resize(x, e.image_size)
-    feats = e.image_features(e.normalize(view[..., None]))
+    feats = e.image_features(e.normalize_pixels(view[..., None]))
     pair = zero_shot.logits(feats, prompts[k], e)
     np.testing.assert_allclose(aux["expert_logits"][:, k],
                                pair[..., 0] - pair[..., 1],
@@ -400,7 +401,7 @@ def test_global_side_alone_is_zero_shot_on_the_larger_image(experts,
   _, aux = eval_fn(model)(params, x)
   view = jax.image.resize(x, (3, 48, 48), "linear", antialias=True)
   for k, e in enumerate(experts):
-    feats = e.image_features(e.normalize(view[..., None]))
+    feats = e.image_features(e.normalize_pixels(view[..., None]))
     pair = zero_shot.logits(feats, prompts[k], e)
     np.testing.assert_allclose(aux["expert_logits"][:, k],
                                pair[..., 0] - pair[..., 1],
@@ -426,7 +427,7 @@ def test_fusion_off_is_a_max_over_views_of_pooled_features(experts,
              for c in starts[k]]
     views = [np.asarray(jax.image.resize(x, (2, side, side), "linear",
                                          antialias=True))] + crops
-    feats = np.stack([e.image_features(e.normalize(v[..., None]))
+    feats = np.stack([e.image_features(e.normalize_pixels(v[..., None]))
                       for v in views])
     pair = zero_shot.logits(feats.max(0), prompts[k], e)
     np.testing.assert_allclose(aux["expert_logits"][:, k],

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from medbridge_jax import checkpoints, errors, evaluate, experts_setup
+from medbridge_jax import checkpoints, errors, evaluate, from_config
 from medbridge_jax import metrics, optim, predict, sharding, train
 from medbridge_jax.data import resolve
 from tests import tiny_run
@@ -87,7 +87,7 @@ def _evaluation_probs(workdir, config, eval_set, which):
   import jax  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import medbridge  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
-  experts = experts_setup.load(config)
+  experts = from_config.load(config)
   model = medbridge.build(config, experts, eval_set.index.label_names)
   params = medbridge.init_params(model, jax.random.key(1), experts,
                                  int(config.data.image_size))
@@ -193,7 +193,7 @@ def test_other_towers_are_refused(run, tmp_path):
   the checkpoint's trainable parameters no longer belong to it, and
   predict says which expert."""
   workdir, config, eval_set, _ = run
-  folder = experts_setup.expert_paths(config)[0][1]
+  folder = from_config.expert_paths(config)[0][1]
   image = os.path.join(eval_set.index.root, eval_set.index.paths[0])
   with tiny_run.edited_expert(folder, str(tmp_path)):
     with pytest.raises(errors.UserError,

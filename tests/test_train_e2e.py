@@ -93,12 +93,12 @@ def test_one_run_end_to_end(cache, tmp_path):
 def test_resuming_with_other_towers_is_refused(cache, tmp_path):
   """A checkpoint's queries and heads belong to the towers they were
   trained with: resuming over an edited expert folder names the expert."""
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   del cache
   config = tiny_config(**{"train.steps": 2, "zero_shot.enabled": False})
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  folder = experts_setup.expert_paths(config)[0][0]
+  folder = from_config.expert_paths(config)[0][0]
   with tiny_run.edited_expert(folder, str(tmp_path)):
     config.train.steps = 4
     with pytest.raises(errors.UserError,

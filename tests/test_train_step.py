@@ -269,12 +269,13 @@ def test_accumulated_balance_loss_is_the_mean_of_the_micro_batches(setup):
 
 
 class _Toy:
-  """A linear 'model' with MedBridge's calling convention."""
+  """A linear 'model' with MedBridge's calling convention (uint8 images)."""
 
   def apply(self, variables, images, *, train, rngs):
     del train, rngs
     p = variables["params"]
-    x = images.reshape(images.shape[0], -1)
+    assert images.dtype == jnp.uint8, images.dtype
+    x = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
     return x @ p["head"]["w"] * p["frozen"]["scale"], {}
 
 

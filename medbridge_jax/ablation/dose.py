@@ -2,11 +2,11 @@
 synthetic findings' size (focal_scale) and contrast (focal_contrast)."""
 
 import copy
-import os
 from typing import Sequence
 
 import ml_collections
 
+from medbridge_jax import cache
 from medbridge_jax import errors
 from medbridge_jax.ablation import numbers
 from medbridge_jax.ablation import runs
@@ -20,11 +20,11 @@ def dose_levels(scales: Sequence[float], contrasts: Sequence[float]
                 ) -> list[tuple[float, float]]:
   """(focal_scale, focal_contrast) levels: the scales at contrast 1, then
   the contrasts at scale 1, each once, in the order given."""
-  from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.data import synthetic_draw  # pylint: disable=g-import-not-at-top
   out = []
   for level in [(float(s), 1.0) for s in scales] + [
       (1.0, float(c)) for c in contrasts]:
-    synthetic.check_dose(*level)
+    synthetic_draw.check_dose(*level)
     if level not in out:
       out.append(level)
   if not out:
@@ -59,7 +59,6 @@ def dose_config(config: ml_collections.ConfigDict, scale: float,
   data.root, so the run reads exactly those images whatever else resolves
   data; data.synthetic.focal_* record the dose.
   """
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
   from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   _check_dose_data(config)
   d = config.data
@@ -69,7 +68,7 @@ def dose_config(config: ml_collections.ConfigDict, scale: float,
   c.data.synthetic.focal_scale = float(scale)
   c.data.synthetic.focal_contrast = float(contrast)
   c.data.root = synthetic.ensure(
-      os.path.join(experts_setup.cache_dir(), "data"),
+      cache.path("data"),
       num_patients=int(d.synthetic.num_patients), seed=int(d.synthetic.seed),
       variant=d.synthetic.variant, image_size=int(d.image_size),
       focal_scale=float(scale), focal_contrast=float(contrast))

@@ -11,18 +11,19 @@ from medbridge_jax import errors
 def expert_geometry(config: ml_collections.ConfigDict
                     ) -> list[tuple[int, int]]:
   """(input side, patch size) of each expert, without loading weights."""
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import jsonfile  # pylint: disable=g-import-not-at-top
   from medbridge_jax.experts import loader  # pylint: disable=g-import-not-at-top
   from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
   out = []
   if config.experts:
-    for path in experts_setup.expert_paths(config)[0]:
-      raw = loader.read_json(os.path.join(path, "config.json"),
-                             "expert config")
+    for path in from_config.expert_paths(config)[0]:
+      raw = jsonfile.read(os.path.join(path, "config.json"),
+                          "expert config")
       vision, _ = loader.parse_config(raw, path)
       out.append((vision.image_size, vision.patch_size))
   else:
-    for spec in experts_setup.as_list(config.random_experts,
+    for spec in from_config.as_list(config.random_experts,
                                       "config.random_experts"):
       _, v = random_experts.parse_spec(spec)
       out.append((v["image"], v["patch"]))

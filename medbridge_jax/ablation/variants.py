@@ -107,13 +107,13 @@ def _variant(row: tuple, facts: dict) -> Variant:
 
 def _single_experts(config: ml_collections.ConfigDict) -> list[Variant]:
   """single_k for each expert k, where there are several."""
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   if config.experts:
     names = [os.path.basename(os.path.normpath(p)) for p in
-             experts_setup.as_list(config.experts, "config.experts")]
+             from_config.as_list(config.experts, "config.experts")]
   else:
     names = [s.split(":", 1)[0] + " (random)"
-             for s in experts_setup.as_list(config.random_experts,
+             for s in from_config.as_list(config.random_experts,
                                             "config.random_experts")]
   if len(names) < 2:
     return []
@@ -124,11 +124,11 @@ def _single_experts(config: ml_collections.ConfigDict) -> list[Variant]:
 def _heldout_rows(config: ml_collections.ConfigDict) -> list[tuple]:
   """[HELDOUT_PRETRAINING] where every random expert is pre-trained and
   knows HELDOUT_ITEM, else []."""
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
   if config.experts:
     return []
-  specs = experts_setup.as_list(config.random_experts,
+  specs = from_config.as_list(config.random_experts,
                                 "config.random_experts")
   pretrained = all(random_experts.parse_spec(s)[1]["pretrain"]
                    for s in specs)
@@ -167,9 +167,9 @@ def variant_config(config: ml_collections.ConfigDict, variant: Variant,
     if key == "single_expert":
       _keep_one_expert(c, value)
     elif key == "random_experts_item":
-      from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+      from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
       c.random_experts = tuple(
-          f"{s},{value}" for s in experts_setup.as_list(
+          f"{s},{value}" for s in from_config.as_list(
               c.random_experts, "config.random_experts"))
     else:
       set_key(c, key, value)
@@ -179,9 +179,9 @@ def variant_config(config: ml_collections.ConfigDict, variant: Variant,
 
 
 def _keep_one_expert(c: ml_collections.ConfigDict, k: int) -> None:
-  from medbridge_jax import experts_setup  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   if c.experts:
-    c.experts = (experts_setup.as_list(c.experts, "config.experts")[k],)
+    c.experts = (from_config.as_list(c.experts, "config.experts")[k],)
   else:
-    spec = experts_setup.as_list(c.random_experts, "config.random_experts")[k]
-    c.experts = (experts_setup.random_expert_folder(spec, k),)
+    spec = from_config.as_list(c.random_experts, "config.random_experts")[k]
+    c.experts = (from_config.random_expert_folder(spec, k),)

@@ -73,7 +73,7 @@ def main():
     global_view = jax.image.resize(image, (side, side), "linear",
                                    antialias=True)
     views = jnp.stack([global_view] + crops)[..., None]
-    out = features(expert.normalize(views))
+    out = features(expert.normalize_pixels(views))
     for n, v in zip(names, out):
       table[n].append(np.asarray(v))
 

@@ -50,7 +50,7 @@ from sklearn.metrics import roc_auc_score
 
 from medbridge_jax import default_config
 from medbridge_jax import experts
-from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw
 from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import partition
@@ -65,14 +65,14 @@ def studies(seed: int, finding: str):
   pid = 0
   while True:
     pid += 1
-    p = synthetic.draw_patient(seed, pid)
-    s = synthetic.draw_study(p, seed, 0)
+    p = synthetic_draw.draw_patient(seed, pid)
+    s = synthetic_draw.draw_study(p, seed, 0)
     positive = bool(p.nodules) if finding == "nodule" else bool(s.pneumothorax)
     other = bool(s.pneumothorax) if finding == "nodule" else bool(p.nodules)
     if other:
       continue
-    image, geo = synthetic.render(p, s, SIZE)
-    yield synthetic.to_uint8(image), geo, positive
+    image, geo = synthetic_draw.render(p, s, SIZE)
+    yield synthetic_draw.to_uint8(image), geo, positive
 
 
 def negative_centre(lungs: np.ndarray, finding: str, rng) -> np.ndarray:

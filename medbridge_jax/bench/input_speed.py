@@ -3,7 +3,7 @@
 What a grain worker does for each training image: `images.read_image`
 (decode, then letterbox-resize to the stored side) and `pipeline.Augment`
 (affine warp, contrast and brightness). The fixtures are synthetic
-radiographs (`synthetic.render`) at `input_size` px, half written as PNG
+radiographs (`synthetic_draw.render`) at `input_size` px, half written as PNG
 (as NIH ships them), half as JPEG (CheXpert, MIMIC-CXR-JPG), into a
 temporary folder.
 
@@ -26,13 +26,12 @@ from PIL import Image
 def write_fixtures(folder: str, size: int, count: int = 8,
                    seed: int = 0) -> List[str]:
   """`count` synthetic radiographs of `size` px, alternately PNG and JPEG."""
-  from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.data import synthetic_draw as draw  # pylint: disable=g-import-not-at-top
   paths = []
   for i in range(count):
-    patient = synthetic.draw_patient(seed, i)
-    image, _ = synthetic.render(patient, synthetic.draw_study(patient, seed, 0),
-                                size)
-    pixels = Image.fromarray(synthetic.to_uint8(image), "L")
+    patient = draw.draw_patient(seed, i)
+    image, _ = draw.render(patient, draw.draw_study(patient, seed, 0), size)
+    pixels = Image.fromarray(draw.to_uint8(image), "L")
     if i % 2:
       path = os.path.join(folder, f"fixture_{i}.jpg")
       pixels.save(path, "JPEG", quality=95)

@@ -25,13 +25,13 @@ from medbridge_jax import default_config
 from medbridge_jax import errors
 from medbridge_jax import evaluate
 from medbridge_jax import experts as experts_lib
-from medbridge_jax import experts_setup
+from medbridge_jax.experts import from_config
 from medbridge_jax import optim
 from medbridge_jax import sharding
 from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
 from medbridge_jax.bench import timing
-from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw
 from medbridge_jax.experts import layers
 from medbridge_jax.experts.vit import VisionTower
 from medbridge_jax.model import focal_sampling
@@ -47,7 +47,7 @@ EXPERTS = {
     "vit_b16": "clip:width=768,layers=12,heads=12,patch=16,image=224,"
                "proj=512",
 }
-LABELS = synthetic.LABELS  # The synthetic data's five findings.
+LABELS = synthetic_draw.LABELS  # The synthetic data's five findings.
 
 
 def expert_spec(name: str) -> str:
@@ -137,8 +137,8 @@ class Setup:
 def build(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
   """Loads the (cached) random expert and builds MedBridge around it."""
   spec = config.random_experts[0]
-  path = experts_setup.random_expert_folder(spec, 0)
-  expert = experts_lib.load(path, dtype=experts_setup.compute_dtype(config))
+  path = from_config.random_expert_folder(spec, 0)
+  expert = experts_lib.load(path, dtype=from_config.compute_dtype(config))
   k = len(config.random_experts)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(int(config.train.batch_size), mesh, "--batch")

@@ -210,3 +210,24 @@ def select(index: index_lib.Index,
   cols = [index.label_names.index(n) for n in label_names]
   return dataclasses.replace(index, label_names=tuple(label_names),
                              labels=index.labels[:, cols])
+
+
+@dataclasses.dataclass
+class LabelledSplit:
+  """One split's images with targets in a run's label order."""
+  name: str  # e.g. "synthetic/valid"; the report's section title.
+  index: index_lib.Index  # Harmonised to the run's labels.
+  available: np.ndarray  # (L,) bool: labels this data set has at all.
+  targets: np.ndarray  # (N, L) float32, after the label policies.
+  mask: np.ndarray  # (N, L) float32, 0 = unknown.
+
+
+def labelled_split(name: str, index: index_lib.Index,
+                   label_names: Sequence[str], data_config) -> LabelledSplit:
+  """Harmonises `index` to `label_names` and applies `data_config`'s
+  uncertain and blank policies."""
+  is_available = available(index.label_names, label_names)
+  index = harmonise(index, label_names)
+  t, mask = targets(index.labels, data_config.uncertain_policy,
+                    data_config.blank_policy, is_available)
+  return LabelledSplit(name, index, is_available, t, mask)

@@ -25,14 +25,16 @@ import os
 from absl import logging
 import ml_collections
 
+from medbridge_jax import cache
 from medbridge_jax import errors
-from medbridge_jax import evaluate
-from medbridge_jax import experts_setup
 from medbridge_jax import sharding
 from medbridge_jax.data import index as index_lib
+from medbridge_jax.data import labels
 from medbridge_jax.data import pipeline
 from medbridge_jax.data import registry
 from medbridge_jax.data import splits
+from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw
 
 # Share of the training patients carved out for a split the folder lacks:
 # test first, then valid from the patients left (patient-level, by
@@ -49,38 +51,24 @@ ROLES = ("train", "valid", "test")
 class Data:
   """The resolved data of a run."""
   label_names: tuple[str, ...]
-  train: evaluate.EvalSet  # The training split (targets after policies).
-  valid: evaluate.EvalSet  # Periodic evaluation, best checkpoint, thresholds.
-  test: evaluate.EvalSet  # Held out: the split every number is reported on.
-  extra_tests: list[evaluate.EvalSet]  # config.data.test_datasets.
+  train: labels.LabelledSplit  # What the model learns from.
+  valid: labels.LabelledSplit  # Periodic evaluation, best checkpoint,
+                               # thresholds.
+  test: labels.LabelledSplit  # Held out: every reported number comes from it.
+  extra_tests: list[labels.LabelledSplit]  # config.data.test_datasets.
   sources: dict[str, str]  # train | valid | test -> where its rows came from.
 
 
-def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
-          where: str = "config.data.root") -> tuple[str, str]:
+def _locate(dataset: str, root: str, config: ml_collections.ConfigDict,
+            where: str = "config.data.root") -> tuple[str, str]:
   """(registry name, folder) of a data set named in the config.
 
-  "synthetic" (the variant of `config.data.synthetic`) with an empty root
-  is generated once into the cache. "synthetic:nih" is the domain-shifted
-  variant, read by the real NIH ChestX-ray14 reader (it is written in that
-  layout, with all 14 NIH labels), so cross-domain runs harmonise its labels
-  exactly as they would a real NIH folder's. Every other data set needs its
-  folder.
+  "synthetic[:variant]" with an empty root is the generated data set
+  (`generate`); every other data set is a folder the user brings.
   """
-  d = config.data
   name, _, variant = dataset.partition(":")
   if name == "synthetic" and not root:
-    from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    if variant and variant not in synthetic.VARIANTS:
-      raise errors.UserError(
-          f"data set {dataset!r}: unknown synthetic variant; known: "
-          f"{', '.join(synthetic.VARIANTS)}")
-    return ("nih" if variant == "nih" else name), synthetic.ensure(
-        os.path.join(experts_setup.cache_dir(), "data"),
-        num_patients=int(d.synthetic.num_patients), seed=int(d.synthetic.seed),
-        variant=variant or d.synthetic.variant, image_size=int(d.image_size),
-        focal_scale=float(d.synthetic.focal_scale),
-        focal_contrast=float(d.synthetic.focal_contrast))
+    return generate(variant, config)
   if variant:
     raise errors.UserError(
         f"data set {dataset!r}: only generated synthetic data takes a "
@@ -94,10 +82,35 @@ def _root(dataset: str, root: str, config: ml_collections.ConfigDict,
   return name, folder
 
 
+def generate(variant: str, config: ml_collections.ConfigDict
+             ) -> tuple[str, str]:
+  """(registry name, folder) of generated synthetic data, made on first use.
+
+  Written once into the cache (`synthetic.ensure`) from
+  `config.data.synthetic`; `variant` "" is `config.data.synthetic.variant`.
+  "nih" is the domain-shifted variant, read by the real NIH ChestX-ray14
+  reader (it is written in that layout, with all 14 NIH labels), so
+  cross-domain runs harmonise its labels exactly as they would a real NIH
+  folder's.
+  """
+  if variant and variant not in synthetic_draw.VARIANTS:
+    raise errors.UserError(
+        f"data set 'synthetic:{variant}': unknown synthetic variant; known: "
+        f"{', '.join(synthetic_draw.VARIANTS)}")
+  d = config.data
+  folder = synthetic.ensure(
+      cache.path("data"),
+      num_patients=int(d.synthetic.num_patients), seed=int(d.synthetic.seed),
+      variant=variant or d.synthetic.variant, image_size=int(d.image_size),
+      focal_scale=float(d.synthetic.focal_scale),
+      focal_contrast=float(d.synthetic.focal_contrast))
+  return ("nih" if variant == "nih" else "synthetic"), folder
+
+
 def resolve(config: ml_collections.ConfigDict) -> Data:
   """Reads the splits, checks them patient-disjoint, applies the policies."""
   d = config.data
-  dataset, root = _root(d.dataset, d.root, config)
+  dataset, root = _locate(d.dataset, d.root, config)
   indexes, where = _splits(dataset, root, d)
   for role in ROLES:
     idx = indexes[role]
@@ -115,7 +128,7 @@ def resolve(config: ml_collections.ConfigDict) -> Data:
           f"config.data.test_datasets entry {item!r} is not (dataset, root, "
           f"split)")
     test_name, test_root, split = item
-    test_dataset, test_folder = _root(test_name, test_root, config,
+    test_dataset, test_folder = _locate(test_name, test_root, config,
                                       "config.data.test_datasets")
     index = registry.read_index(test_dataset, test_folder, split)
     if _same_folder((test_dataset, index), (dataset, train_index)):
@@ -123,7 +136,7 @@ def resolve(config: ml_collections.ConfigDict) -> Data:
       splits.check_disjoint(
           *(indexes[r] for r in ROLES), index,
           names=names + [f"the extra test set {test_name}/{split}"])
-    extra_tests.append(evaluate.make_eval_set(f"{test_name}/{split}", index,
+    extra_tests.append(labels.labelled_split(f"{test_name}/{split}", index,
                                               label_names, d))
   # After the check, and from the training patients only. Nested patient
   # subsets: the 1% patients are among the 10%.
@@ -131,11 +144,11 @@ def resolve(config: ml_collections.ConfigDict) -> Data:
                                 int(config.seed))
   return Data(
       label_names=label_names,
-      train=evaluate.make_eval_set(f"{d.dataset}/{d.train_split}",
+      train=labels.labelled_split(f"{d.dataset}/{d.train_split}",
                                    train_index, label_names, d),
-      valid=evaluate.make_eval_set(f"{d.dataset}/{d.valid_split}",
+      valid=labels.labelled_split(f"{d.dataset}/{d.valid_split}",
                                    indexes["valid"], label_names, d),
-      test=evaluate.make_eval_set(f"{d.dataset}/{d.test_split}",
+      test=labels.labelled_split(f"{d.dataset}/{d.test_split}",
                                   indexes["test"], label_names, d),
       extra_tests=extra_tests, sources=where)
 

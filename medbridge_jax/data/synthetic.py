@@ -3,8 +3,7 @@
 The embedded default data set and the tests' data. `synthetic_draw` draws
 the radiographs (anatomy, global and focal findings, labels, exposure,
 noise); this module writes them as a publisher lays them out, caches them
-and reads them back. The drawing module's public names are re-exported here
-(`render`, `draw_patient`, `LABELS`, ...) so that callers need only this one.
+and reads them back.
 
 Layouts (`variant`):
 
@@ -45,19 +44,6 @@ from medbridge_jax.data import nih
 from medbridge_jax.data import synthetic_draw as draw
 from medbridge_jax.errors import UserError
 
-# The drawing's public names, for callers of this module.
-VARIANTS = draw.VARIANTS
-GLOBAL_LABELS = draw.GLOBAL_LABELS
-FOCAL_LABELS = draw.FOCAL_LABELS
-LABELS = draw.LABELS  # native names of the "chexpert" variant
-MAX_FOCAL_SCALE = draw.MAX_FOCAL_SCALE
-Patient = draw.Patient
-Study = draw.Study
-check_dose = draw.check_dose
-draw_patient = draw.draw_patient
-draw_study = draw.draw_study
-render = draw.render
-to_uint8 = draw.to_uint8
 
 # Bump when the drawing or a layout changes: it names the cache folder.
 GENERATOR_VERSION = 2
@@ -66,16 +52,20 @@ NIH_NAMES = {"Cardiomegaly": "Cardiomegaly", "Edema": "Edema",
              "Pneumothorax": "Pneumothorax"}
 # Either variant's name -> "global" | "focal".
 LABEL_GROUPS = {
-    **{n: "global" for n in GLOBAL_LABELS},
-    **{n: "focal" for n in FOCAL_LABELS},
-    **{NIH_NAMES[n]: "global" for n in GLOBAL_LABELS},
-    **{NIH_NAMES[n]: "focal" for n in FOCAL_LABELS},
+    **{n: "global" for n in draw.GLOBAL_LABELS},
+    **{n: "focal" for n in draw.FOCAL_LABELS},
+    **{NIH_NAMES[n]: "global" for n in draw.GLOBAL_LABELS},
+    **{NIH_NAMES[n]: "focal" for n in draw.FOCAL_LABELS},
 }
 CHEXPERT_FOLDER = "CheXpert-v1.0-small"
 NIH_ENTRY_FILE = "Data_Entry_2017_v2020.csv"
 VALID_FRACTION = 0.15  # chexpert variant: patients in valid.csv
 TEST_FRACTION = 0.1  # chexpert variant: patients in test_labels.csv
 NIH_TEST_FRACTION = 0.2  # nih variant: patients in test_list.txt
+# The smallest data set generated: two patients (one can be held out), and
+# 64 px, below which the anatomy's features vanish.
+MIN_PATIENTS = 2
+MIN_IMAGE_SIZE = 64
 # CheXpert's test labels (as released with CheXlocalize): no demographics, no
 # view columns, paths relative to the data set folder.
 CHEXPERT_TEST_HEADER = ("Path",) + tuple(
@@ -91,13 +81,14 @@ def label_names(variant: str) -> tuple[str, ...]:
   """The simulated labels under the variant's native names."""
   _check_variant(variant)
   if variant == "chexpert":
-    return LABELS
-  return tuple(NIH_NAMES[n] for n in LABELS)
+    return draw.LABELS
+  return tuple(NIH_NAMES[n] for n in draw.LABELS)
 
 
 def _check_variant(variant: str) -> None:
-  if variant not in VARIANTS:
-    raise UserError(f"synthetic variant {variant!r} is not one of {VARIANTS}")
+  if variant not in draw.VARIANTS:
+    raise UserError(
+        f"synthetic variant {variant!r} is not one of {draw.VARIANTS}")
 
 
 def _held_out(num_patients: int, seed: int, variant: str,
@@ -120,7 +111,7 @@ def generate(out_dir: str, num_patients: int, seed: int = 0,
              focal_scale: float = 1.0, focal_contrast: float = 1.0) -> None:
   """Writes the data set into `out_dir` (no caching; see `ensure`)."""
   _check_variant(variant)
-  check_dose(focal_scale, focal_contrast)
+  draw.check_dose(focal_scale, focal_contrast)
   dose = dict(focal_scale=float(focal_scale),
               focal_contrast=float(focal_contrast))
   if variant == "chexpert":
@@ -138,10 +129,10 @@ def _write_chexpert(out_dir, num_patients, seed, size, dose):
     split = held.get(patient.pid, "train")
     rel = (f"{split}/patient{patient.pid:05d}/study{study.index + 1}/"
            "view1_frontal.jpg")
-    image, _ = render(patient, study, size, "chexpert", **dose)
+    image, _ = draw.render(patient, study, size, "chexpert", **dose)
     path = os.path.join(base, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(to_uint8(image), "L").save(path, quality=95)
+    Image.fromarray(draw.to_uint8(image), "L").save(path, quality=95)
     codes = (draw.reported_labels(study, rng) if split == "train"
              else draw.true_labels(study))
     rows[split].append(_chexpert_row(split, rel, patient, study, codes))
@@ -155,10 +146,11 @@ def _write_chexpert(out_dir, num_patients, seed, size, dose):
       w.writerows(rows[split])
 
 
-def _chexpert_row(split: str, rel: str, patient: Patient, study: Study,
+def _chexpert_row(split: str, rel: str, patient: draw.Patient,
+                  study: draw.Study,
                   codes: dict) -> list:
   """A study's CSV row in `split`'s file, "No Finding" added to `codes`."""
-  positive = any(codes[n] in (1.0, -1.0) for n in LABELS)
+  positive = any(codes[n] in (1.0, -1.0) for n in draw.LABELS)
   if split == "train":  # CheXpert's labeler: 1 or blank
     codes["No Finding"] = math.nan if positive else 1.0
   else:
@@ -185,10 +177,10 @@ def _write_nih(out_dir, num_patients, seed, size, dose):
     folder = f"images_{count // 10000 + 1:03d}/images"
     count += 1
     os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
-    image, _ = render(patient, study, size, "nih", **dose)
-    Image.fromarray(to_uint8(image), "L").save(
+    image, _ = draw.render(patient, study, size, "nih", **dose)
+    Image.fromarray(draw.to_uint8(image), "L").save(
         os.path.join(out_dir, folder, name), compress_level=1)
-    found = sorted(NIH_NAMES[n] for n in LABELS
+    found = sorted(NIH_NAMES[n] for n in draw.LABELS
                    if study.truth[n] is not None)
     entries.append([name, "|".join(found) or "No Finding", str(study.index),
                     str(patient.pid), str(study.age), patient.sex[0],
@@ -231,13 +223,13 @@ def ensure(cache_dir: str, num_patients: int, seed: int = 0,
   run never leaves a half-written data set that looks complete.
   """
   _check_variant(variant)
-  check_dose(focal_scale, focal_contrast)
-  if int(num_patients) < 2:
-    raise UserError(f"synthetic num_patients must be at least 2, got "
-                    f"{num_patients}")
-  if int(image_size) < 64:
-    raise UserError(f"synthetic image_size must be at least 64, got "
-                    f"{image_size}")
+  draw.check_dose(focal_scale, focal_contrast)
+  if int(num_patients) < MIN_PATIENTS:
+    raise UserError(f"synthetic num_patients must be at least {MIN_PATIENTS}, "
+                    f"got {num_patients}")
+  if int(image_size) < MIN_IMAGE_SIZE:
+    raise UserError(f"synthetic image_size must be at least "
+                    f"{MIN_IMAGE_SIZE}, got {image_size}")
   root = os.path.join(os.path.abspath(cache_dir),
                       cache_name(num_patients, seed, variant, image_size,
                                  focal_scale, focal_contrast))
@@ -270,7 +262,7 @@ def read(root: str, split: str = "train", **options) -> index_lib.Index:
   """Index of a generated data set, with only the simulated labels."""
   if os.path.isdir(os.path.join(root, CHEXPERT_FOLDER)):
     index = chexpert.read(root, split, **options)
-    names = LABELS
+    names = draw.LABELS
   elif os.path.isfile(os.path.join(root, NIH_ENTRY_FILE)):
     index = nih.read(root, split, **options)
     names = label_names("nih")

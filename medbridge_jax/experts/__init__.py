@@ -1,7 +1,7 @@
 """Frozen CLIP and SigLIP experts in Flax, loaded from Hugging Face folders.
 
   expert = experts.load("/path/to/clip-vit-base-patch16")
-  feats = expert.image_features(expert.normalize(images01))
+  feats = expert.image_features(expert.normalize_pixels(images01))
 
 Modules: vit (image tower), text (text tower), layers (shared blocks),
 hf_names (tensor-name map), loader, tokenizers, expert (the `Expert`

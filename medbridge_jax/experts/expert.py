@@ -28,10 +28,22 @@ FAMILY_MEAN_STD = {
 }
 
 
-def normalize_pixels(images01, mean, std) -> jax.Array:
-  """[0, 1] channels-last images (..., 1 or 3) -> normalised 3-channel
-  float32 pixels, as the checkpoint's image processor makes them."""
-  x = jnp.asarray(images01, jnp.float32)
+def unit_range(images) -> jax.Array:
+  """uint8 images (0..255) or float ones in [0, 1] -> float32 in [0, 1].
+
+  Batches travel from the host as uint8 (a quarter of float32's bytes) and
+  are scaled here, on the device: the one place that knows the 255.
+  """
+  x = jnp.asarray(images)
+  if x.dtype == jnp.uint8:
+    return x.astype(jnp.float32) / 255.0
+  return x.astype(jnp.float32)
+
+
+def normalize_pixels(images, mean, std) -> jax.Array:
+  """uint8 or [0, 1] channels-last images (..., 1 or 3) -> normalised
+  3-channel float32 pixels, as the checkpoint's image processor makes them."""
+  x = unit_range(images)
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -126,9 +138,10 @@ class Expert:
     ids, mask = self.tokenize(texts)
     return self.text_features(ids, mask if self.family == "clip" else None)
 
-  def normalize(self, images01) -> jax.Array:
-    """[0, 1] images (..., H, W, 1 or 3) -> normalised 3-channel pixels."""
-    x = jnp.asarray(images01, jnp.float32)
+  def normalize_pixels(self, images) -> jax.Array:
+    """uint8 or [0, 1] images (..., H, W, 1 or 3) -> this expert's
+    normalised 3-channel pixels."""
+    x = unit_range(images)
     if x.ndim < 3 or x.shape[-1] not in (1, 3):
       raise UserError(f"images for {self.name} must be (..., H, W, 1) or "
                       f"(..., H, W, 3) with channels last; got {x.shape}")

@@ -6,8 +6,9 @@ initialised ViT does not: a finding smaller than a patch is mixed linearly
 into that patch's token with all the texture around it, and nothing in the
 frozen layers pulls it out (trained on crops labelled by where a 3-4 px
 nodule is, the one-expert MedBridge branch reaches AUROC 0.69;
-benchmarks/focal_zoom.py). Then focal sampling has nothing to show, however
-well MedBridge learns; that is a property of the test bed, not of the method.
+python -m medbridge_jax.bench.focal_zoom). Then focal sampling has nothing
+to show, however well MedBridge learns; that is a property of the test bed,
+not of the method.
 
 So the embedded default's experts are pre-trained here
 (`default_config.PRETRAIN_STEPS` steps of batch BATCH) on a generic synthetic
@@ -49,7 +50,8 @@ Array = jax.Array
 # 1,500 steps of 64 images at 1e-3 (default_config.PRETRAIN_STEPS). A fifth
 # of the images (600 steps of 32 at 3e-3) learnt the generic task as well
 # but left the CLIP-like expert's 64 px nodule crops at AUROC 0.74 instead
-# of 0.96 (benchmarks/focal_zoom.py --inject=-2 --queries=4 --crops=64).
+# of 0.96 (python -m medbridge_jax.bench.focal_zoom --inject=-2 --queries=4
+# --crops=64).
 BATCH = 64
 LEARNING_RATE = 1e-3
 MAX_BLOBS = 4
@@ -294,7 +296,7 @@ class Pretrainer(nn.Module):
             "image_values": image_out[..., n:]}
 
 
-def normalize(images: Array, family: str) -> Array:
+def family_pixels(images: Array, family: str) -> Array:
   """(B, S, S) in [0, 1] -> (B, S, S, 3) as the family's processor does."""
   return normalize_pixels(images[..., None], *FAMILY_MEAN_STD[family])
 
@@ -340,7 +342,7 @@ def train(vision: VisionConfig, params: dict, steps: int, seed: int,
   def step(variables, opt_state, key):
     batch = generic_images(key, BATCH, side, shapes)
     t = targets(batch, patch)
-    pixels = normalize(batch["image"], vision.family)
+    pixels = family_pixels(batch["image"], vision.family)
 
     def loss_fn(v):
       terms = losses(model.apply({"params": v}, pixels), t)

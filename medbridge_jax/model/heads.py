@@ -61,11 +61,13 @@ class TextDirections:
     return f"TextDirections(shape={self.array.shape})"
 
 
-def normalize(x: Array, eps: float = 1e-6) -> Array:
-  """x / |x| * sqrt(P) along the last axis (unit RMS)."""
-  p = x.shape[-1]
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) / p
-                           + eps)
+def unit_rms(x: Array, eps: float = 1e-6) -> Array:
+  """x scaled to root-mean-square 1 along the last axis (x / |x| * sqrt(P)).
+
+  Both the heads and the gate read tokens this way, so that experts whose
+  features differ in scale meet on one.
+  """
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps)
 
 
 class Head(nn.Module):
@@ -91,5 +93,5 @@ class Head(nn.Module):
 
     kernel = self.param("kernel", kernel_init, (t, p, l))
     bias = self.param("bias", nn.initializers.zeros, (l,))
-    x = normalize(jnp.asarray(tokens, jnp.float32))
+    x = unit_rms(jnp.asarray(tokens, jnp.float32))
     return jnp.einsum("btp,tpl->bl", x, kernel) + bias

@@ -34,6 +34,7 @@ from medbridge_jax.errors import UserError
 
 Array = jax.Array
 KINDS = ("bce", "asymmetric")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 def balanced_class_weights(targets: np.ndarray, mask: np.ndarray,
@@ -64,7 +65,8 @@ def class_weights_from_config(loss_config: ml_collections.ConfigDict,
     return None
   if kind == "balanced":
     return balanced_class_weights(targets, mask)
-  raise UserError(f"loss.class_weights={kind!r}; expected none | balanced")
+  raise UserError(f"loss.class_weights={kind!r}; expected one of "
+                  f"{CLASS_WEIGHTS}")
 
 
 def bce(logits: Array, targets: Array) -> Array:

@@ -139,11 +139,6 @@ class Settings:
     return focal_sampling.crop_side(self.crop_size, side)
 
 
-def normalize(views: Array, mean, std) -> Array:
-  """(M, S, S) views in [0, 1] -> (M, S, S, 3) normalised pixels."""
-  return expert_lib.normalize_pixels(views[..., None], mean, std)
-
-
 class ExpertBranch(nn.Module):
   """One expert: views -> frozen tower + queries -> fusion -> head."""
   spec: ExpertSpec
@@ -168,8 +163,8 @@ class ExpertBranch(nn.Module):
   def encode(self, views: Array) -> Array:
     """(B, n, S, S) views of one side -> (B, n, T, P) tokens."""
     b, n, h, w = views.shape
-    pixels = normalize(views.reshape(b * n, h, w), self.spec.mean,
-                       self.spec.std)
+    pixels = expert_lib.normalize_pixels(views.reshape(b * n, h, w, 1),
+                                         self.spec.mean, self.spec.std)
     tokens = self.encoder(self.tower, pixels)  # (B * n, T, P)
     return tokens.reshape((b, n) + tokens.shape[1:])
 
@@ -208,20 +203,17 @@ class MedBridge(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool):
-    """images (B, H, W) float32 in [0, 1] -> (logits (B, L) float32, aux).
+    """images (B, H, W) uint8, or float in [0, 1] -> (logits (B, L), aux).
 
-    uint8 images (0..255) are accepted too and scaled on the device, which
-    moves a quarter of the bytes from the host.
+    Callers pass the pipeline's uint8 batches as they are: they are scaled
+    on the device (`expert.unit_range`).
 
     aux: "gates" (B, K) or (B, K, L) for per-label gating, summing to 1 over
     K; "expert_logits" (B, K, L); "balance_loss" scalar (0 without a gate).
     Training draws crop positions from the rng stream "focal".
     """
     s = self.settings
-    images = jnp.asarray(images)
-    if images.dtype == jnp.uint8:
-      images = images.astype(jnp.float32) / 255.0
-    images = images.astype(jnp.float32)
+    images = expert_lib.unit_range(images)
     if images.ndim != 3:
       raise UserError(f"images must be (batch, height, width); got "
                       f"{images.shape}")

@@ -26,14 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from medbridge_jax.errors import UserError
+from medbridge_jax.model import heads
 
 Array = jax.Array
 GATINGS = ("soft", "top_k", "per_label")
-
-
-def unit_rms(x: Array, eps: float = 1e-6) -> Array:
-  """x scaled to root-mean-square 1 along the last axis."""
-  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps)
 
 
 def top_k_mask(logits: Array, k: int) -> Array:
@@ -86,7 +82,7 @@ class Gate(nn.Module):
     if len(pooled) != k:
       raise ValueError(f"expected {k} pooled vectors, got {len(pooled)}")
     x = jnp.concatenate(
-        [unit_rms(jnp.asarray(p, jnp.float32)) for p in pooled], axis=-1)
+        [heads.unit_rms(jnp.asarray(p, jnp.float32)) for p in pooled], axis=-1)
     if self.hidden:
       x = nn.gelu(nn.Dense(self.hidden, name="hidden")(x))
     per_label = self.gating == "per_label"

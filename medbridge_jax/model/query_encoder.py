@@ -37,7 +37,6 @@ import jax.numpy as jnp
 from medbridge_jax.errors import UserError
 
 Array = jax.Array
-MODES = ("non_destructive", "joint")
 
 
 def resolve_layer(inject_layer: int, num_layers: int) -> int:
@@ -65,9 +64,6 @@ class QueryEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, tower: nn.Module, pixels: Array) -> Array:
-    if self.mode not in MODES:
-      raise UserError(f"model.queries.mode={self.mode!r}; expected one of "
-                      f"{MODES}")
     num_layers = tower.num_layers
     t1 = resolve_layer(self.inject_layer, num_layers)
     tokens = tower.embed(pixels)

@@ -5,12 +5,12 @@ CPU code differs between CPUs, so experts pre-trained on each machine would
 differ, and so would every number measured with them. The folders under
 this package were made once by `python -m medbridge_jax.experts.testbed`
 (see `__main__.py`); `pretraining.json` in each says how, where and when.
-`experts_setup` loads them in place whenever a spec, its seed and the
+`from_config` loads them in place whenever a spec, its seed and the
 current pre-training recipe match one, so every machine gets the same
 experts and no first run spends minutes pre-training.
 
 Shipped: each of `default_config.RANDOM_EXPERT_SHAPES` (seed = its position,
-as `experts_setup` numbers them) with `pretrain=PRETRAIN_STEPS`, on all
+as `from_config` numbers them) with `pretrain=PRETRAIN_STEPS`, on all
 generic shapes and with `pretrain_shapes=heldout` (no blobs, no thin lines).
 """
 

@@ -5,8 +5,8 @@ When none are named, the small test-bed experts described by
 `config.random_experts` are used: the embedded default's pre-trained ones
 ship with the package (`experts.testbed`) and are loaded from there, the
 same on every machine; any other spec is written once as a Hugging Face
-folder into the cache (`$MEDBRIDGE_CACHE`, default ~/.cache/medbridge_jax).
-All load through the same `experts.load` real checkpoints use. Nothing here
+folder into the cache (`cache.path("experts")`).
+All load through the same `loader.load` real checkpoints use. Nothing here
 touches the network.
 """
 
@@ -18,13 +18,12 @@ from typing import Sequence
 from absl import logging
 import ml_collections
 
+from medbridge_jax import cache
 from medbridge_jax import errors
+from medbridge_jax.experts import loader
+from medbridge_jax.experts import random_experts
+from medbridge_jax.experts import testbed
 from medbridge_jax.model import medbridge
-
-def cache_dir() -> str:
-  """The cache of generated data and random experts."""
-  return os.path.abspath(os.path.expanduser(
-      os.environ.get("MEDBRIDGE_CACHE") or "~/.cache/medbridge_jax"))
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -32,7 +31,7 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return medbridge.DTYPES[config.model.compute_dtype]
 
 
-def random_expert_folder(spec: str, seed: int, root: str | None = None) -> str:
+def random_expert_folder(spec: str, seed: int) -> str:
   """The Hugging Face folder of test-bed expert `spec` with `seed`.
 
   The shipped folder when one was made from this spec, seed and recipe
@@ -42,12 +41,10 @@ def random_expert_folder(spec: str, seed: int, root: str | None = None) -> str:
   into place, so a run killed while writing never leaves a half folder that
   later runs would load.
   """
-  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.experts import testbed  # pylint: disable=g-import-not-at-top
   shipped = testbed.find(spec, seed)
   if shipped:
     return shipped
-  root = os.path.join(root or cache_dir(), "experts")
+  root = cache.path("experts")
   path = os.path.join(root, testbed.folder_name(spec, seed))
   if os.path.isdir(path):
     return path
@@ -107,8 +104,6 @@ def announce(config: ml_collections.ConfigDict) -> None:
   """Says in one line, at start, when small test-bed experts stand in."""
   if config.experts:
     return
-  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.experts import testbed  # pylint: disable=g-import-not-at-top
   specs = as_list(config.random_experts, "config.random_experts")
   pretrained = any(random_experts.parse_spec(s)[1]["pretrain"] for s in specs)
   # Seeds are positions, as in expert_paths.
@@ -118,7 +113,7 @@ def announce(config: ml_collections.ConfigDict) -> None:
     where.append(f"{shipped} shipped with the package ({testbed.ROOT})")
   if shipped < len(specs):
     where.append(f"{len(specs) - shipped} written once to "
-                 f"{os.path.join(cache_dir(), 'experts')}")
+                 f"{cache.path('experts')}")
   logging.info(
       "No pretrained experts configured (config.experts): using %d small "
       "test-bed experts, not real weights (%s): randomly initialised%s; %s.",
@@ -130,10 +125,9 @@ def announce(config: ml_collections.ConfigDict) -> None:
 
 def load(config: ml_collections.ConfigDict) -> list:
   """The experts of `config`, loaded, computing in model.compute_dtype."""
-  from medbridge_jax import experts  # pylint: disable=g-import-not-at-top
   dtype = compute_dtype(config)
   paths, _ = expert_paths(config)
-  return [experts.load(p, dtype=dtype) for p in paths]
+  return [loader.load(p, dtype=dtype) for p in paths]
 
 
 def display_names(loaded: Sequence, real: bool) -> list[str]:
