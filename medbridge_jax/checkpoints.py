@@ -31,9 +31,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from medbridge_jax import errors
+from medbridge_jax import report
 
 # Config keys that change what the state means: resuming under other values
 # would silently mix two experiments. Other differences are only logged.
+# Which checkpoint to read: see `Checkpointer.restore_which`.
+WHICH = ("best", "latest", "selected")
 _IDENTITY_KEYS = ("model", "experts", "random_experts", "data.dataset",
                   "data.labels", "seed")
 
@@ -278,12 +281,52 @@ class Checkpointer:
         f"{str(last_error).splitlines()[0][:200]}); "
         f"move the directory away to start afresh")
 
-  def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
-    """The best checkpoint as (state, meta), or None if there is none."""
+  def restore_best(self, abstract_state: Any, config: dict
+                   ) -> tuple[Any, dict] | None:
+    """The best checkpoint as (state, meta), or None if there is none.
+
+    UserError when it cannot be read, or was made with another config.
+    """
     step = self._best.latest_step()
     if step is None:
       return None
-    out = self._best.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
+    where = os.path.join(self._workdir, "best")
+    try:
+      out = self._best.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.UserError(
+          f"cannot read the best checkpoint in {where} "
+          f"({type(e).__name__}: {errors.one_line(e)[:200]}); the latest "
+          f"checkpoint may still be readable") from None
+    check_config(out["meta"].get("config"), config)
     return out["state"], out["meta"]
+
+  def restore_which(self, which: str, abstract_state: Any, config: dict
+                    ) -> tuple[Any, dict] | None:
+    """(state, meta) of checkpoint `which`, or None if there is none.
+
+    "best": the best on validation; "latest": the newest readable one;
+    "selected": the best, or the latest when no validation AUROC was ever
+    defined (what a run reports on).
+    """
+    if which not in WHICH:
+      raise errors.UserError(f"checkpoint {which!r}: expected one of "
+                             f"{WHICH}")
+    if which == "latest":
+      return self.restore(abstract_state, config)
+    best = self.restore_best(abstract_state, config)
+    if best is None and which == "selected":
+      return self.restore(abstract_state, config)
+    return best
+
+
+def thresholds_of(meta: dict, where: str) -> dict:
+  """The {label: threshold or None} a checkpoint's meta holds; UserError
+  naming `where` when it holds none (saved between evaluations)."""
+  if meta.get("thresholds") is None:
+    raise errors.UserError(
+        f"{where} holds no thresholds: it was saved between evaluations; "
+        f"use the best checkpoint, or train on to the end")
+  return report.thresholds_table(meta["thresholds"], where)

@@ -127,6 +127,7 @@ def enable_compilation_cache() -> None:
   """
   if os.environ.get("MEDBRIDGE_COMPILATION_CACHE", "1") == "0":
     return
+  # Not above: predict answers its flags before JAX loads.
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir",
                     cache.path("jax_compilation"))

@@ -46,6 +46,7 @@ import numpy as np
 from medbridge_jax import cli
 from medbridge_jax import errors
 from medbridge_jax import jsonfile
+from medbridge_jax import report
 
 PROGRAM = "medbridge_jax.predict"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -174,25 +175,14 @@ def open_run(workdir: str) -> Run:
     raise errors.UserError(
         f"{workdir} has no thresholds.json: its run has not finished (rerun "
         f"the same training command to finish it)")
-  label_names = tuple(_thresholds(jsonfile.read(thresholds_path,
-                                             "thresholds file"),
-                                  thresholds_path))
+  label_names = tuple(report.thresholds_table(
+      jsonfile.read(thresholds_path, "thresholds file"), thresholds_path))
   wanted = tuple(config.data.labels)
   if wanted and wanted != label_names:
     raise errors.UserError(
         f"{thresholds_path} lists labels {list(label_names)}, config.json "
         f"{list(wanted)}: the files come from different runs")
   return Run(path, config, label_names)
-
-
-def _thresholds(body, where: str) -> dict:
-  """The {label: threshold or None} table of a thresholds object."""
-  table = body.get("thresholds") if isinstance(body, dict) else None
-  if not isinstance(table, dict) or not table or not all(
-      t is None or isinstance(t, (int, float)) for t in table.values()):
-    raise errors.UserError(f"{where} holds no per-label \"thresholds\" "
-                           f"object")
-  return table
 
 
 def _has_step(folder: str) -> bool:
@@ -215,26 +205,16 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   from medbridge_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top
   from medbridge_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   from medbridge_jax import optim  # pylint: disable=g-import-not-at-top
   from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
   from medbridge_jax import train_state  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import medbridge  # pylint: disable=g-import-not-at-top
   from medbridge_jax.model import partition  # pylint: disable=g-import-not-at-top
 
-  config_check.check(run.config)
-  if checkpoint not in CHECKPOINTS:
-    raise errors.UserError(f"checkpoint {checkpoint!r}: expected one of "
-                           f"{CHECKPOINTS}")
-  folder = os.path.join(run.workdir,
-                        "best" if checkpoint == "best" else "checkpoints")
-  if not _has_step(folder):
-    hint = (" (no validation mean AUROC was ever defined; try "
-            "--checkpoint=latest)" if checkpoint == "best"
-            and _has_step(os.path.join(run.workdir, "checkpoints")) else "")
-    raise errors.UserError(f"no {checkpoint} checkpoint in {folder}{hint}")
-
   config = run.config
+  config_check.check(config)
+  _check_saved(run.workdir, checkpoint)
   from_config.announce(config)
   experts = from_config.load(config)
   # The head's text initialisation only sets initial values, which the
@@ -248,45 +228,13 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   replicated = sharding.replicated(mesh)
   abstract = medbridge.abstract_params(model, int(config.data.image_size))
   trainable, _ = partition.split(abstract)
-  frozen = partition.split({f"expert_{k}": {"tower": medbridge.check_tower(
-      abstract[f"expert_{k}"]["tower"], e)} for k, e in enumerate(experts)})[1]
-  frozen = jax.device_put(frozen, replicated)
+  frozen = jax.device_put(
+      partition.split(medbridge.tower_params(abstract, experts))[1],
+      replicated)
   abstract_state = train_state.abstract(trainable, optim.make(config.train),
                                         replicated)
-
-  # Read-only: a training run may still be writing into this workdir.
-  ckpt = checkpoints.Checkpointer(run.workdir,
-                                  int(config.train.keep_checkpoints),
-                                  async_save=False, read_only=True)
-  try:
-    if checkpoint == "best":
-      try:
-        restored = ckpt.restore_best(abstract_state)
-      except Exception as e:  # pylint: disable=broad-except
-        raise errors.UserError(
-            f"cannot read the best checkpoint in {folder} "
-            f"({type(e).__name__}: {errors.one_line(e)[:200]}); try "
-            f"--checkpoint=latest") from None
-      if restored is not None:
-        checkpoints.check_config(restored[1].get("config"), config.to_dict())
-    else:
-      restored = ckpt.restore(abstract_state, config.to_dict())
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise errors.UserError(f"no {checkpoint} checkpoint in {folder}")
-  state, meta = restored
-  step = int(meta.get("step", state["step"]))
-  where = f"the {checkpoint} checkpoint of {run.workdir} (step {step})"
-  checkpoints.check_towers(
-      meta.get("towers"),
-      checkpoints.tower_fingerprints(experts, [e.name for e in experts]),
-      where)
-  if "thresholds" not in meta:
-    raise errors.UserError(
-        f"{where} holds no thresholds: it was saved between evaluations; "
-        f"use --checkpoint=best, or train on to the end")
-  table = _thresholds(meta["thresholds"], where)
+  state, meta, where = _restore(run, checkpoint, abstract_state, experts)
+  table = checkpoints.thresholds_of(meta, where)
   if tuple(table) != run.label_names:
     raise errors.UserError(f"{where} has thresholds for {list(table)}, the "
                            f"run's labels are {list(run.label_names)}")
@@ -294,10 +242,50 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   model_fn = evaluate.make_model_fn(model)
   params = state["params"]
   return Loaded(
-      fn=lambda x: model_fn(params, frozen, x), mesh=mesh, step=step,
+      fn=lambda x: model_fn(params, frozen, x), mesh=mesh,
+      step=int(meta["step"]),
       thresholds=np.array([np.nan if t is None else float(t)
                            for t in table.values()]),
       chosen_on=str(meta["thresholds"].get("chosen_on", "validation data")))
+
+
+def _restore(run: Run, checkpoint: str, abstract_state, experts
+             ) -> tuple[dict, dict, str]:
+  """(state, meta, a description of it) of the run's `checkpoint`, its
+  towers checked against the loaded experts'."""
+  from medbridge_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  # Read-only: a training run may still be writing into this workdir.
+  ckpt = checkpoints.Checkpointer(run.workdir,
+                                  int(run.config.train.keep_checkpoints),
+                                  async_save=False, read_only=True)
+  try:
+    restored = ckpt.restore_which(checkpoint, abstract_state,
+                                  run.config.to_dict())
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise errors.UserError(f"no {checkpoint} checkpoint in {run.workdir}")
+  state, meta = restored
+  where = f"the {checkpoint} checkpoint of {run.workdir} (step {meta['step']})"
+  checkpoints.check_towers(
+      meta.get("towers"),
+      checkpoints.tower_fingerprints(experts, [e.name for e in experts]),
+      where)
+  return state, meta, where
+
+
+def _check_saved(workdir: str, checkpoint: str) -> None:
+  """UserError, before anything loads, when `checkpoint` was never saved."""
+  if checkpoint not in CHECKPOINTS:
+    raise errors.UserError(f"checkpoint {checkpoint!r}: expected one of "
+                           f"{CHECKPOINTS}")
+  folder = os.path.join(workdir,
+                        "best" if checkpoint == "best" else "checkpoints")
+  if not _has_step(folder):
+    hint = (" (no validation mean AUROC was ever defined; try "
+            "--checkpoint=latest)" if checkpoint == "best"
+            and _has_step(os.path.join(workdir, "checkpoints")) else "")
+    raise errors.UserError(f"no {checkpoint} checkpoint in {folder}{hint}")
 
 
 # ---------------------------------------------------------------------------

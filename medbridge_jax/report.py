@@ -24,6 +24,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from medbridge_jax import errors
 from medbridge_jax import metrics
 
 
@@ -106,9 +107,11 @@ def write_config(workdir: str, config) -> str:
   return path
 
 
-def _num(x, digits=3) -> str:
-  x = float(x)
-  return f"{x:.{digits}f}" if np.isfinite(x) else "n/a"
+def num(x, digits=3) -> str:
+  """A metric for people: `digits` decimals, "n/a" for None or NaN."""
+  if x is None or not np.isfinite(float(x)):
+    return "n/a"
+  return f"{float(x):.{digits}f}"
 
 
 def _ci(ci) -> str:
@@ -175,7 +178,7 @@ def _delta(d: metrics.PairedDifference) -> tuple[str, str]:
         else "")
   delta = -float(d.mean_difference)
   text = f"{delta:+.3f}{ci}" if np.isfinite(delta) else "n/a"
-  return text, _num(d.p_value)
+  return text, num(d.p_value)
 
 
 def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
@@ -190,14 +193,14 @@ def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
     out += [f"## {set_name}", ""]
     mean_of = ("all labels" if len(s.mean_labels) == len(s.label_names)
                else ", ".join(s.mean_labels))
-    out.append(f"**Mean AUROC ({mean_of}): {main} {_num(s.mean_auroc)}"
+    out.append(f"**Mean AUROC ({mean_of}): {main} {num(s.mean_auroc)}"
                f"{_ci(s.mean_auroc_ci)}" + "".join(
-                   f"; {m} {_num(results[m].summary.mean_auroc)}"
+                   f"; {m} {num(results[m].summary.mean_auroc)}"
                    for m in others) + "**")
     out.append("")
     out.append(_ci_note(s, len(ours.targets)))
     out.append("")
-    out.append(f"Mean AUPRC {_num(s.mean_auprc)}, mean ECE {_num(s.mean_ece)}.")
+    out.append(f"Mean AUPRC {num(s.mean_auprc)}, mean ECE {num(s.mean_ece)}.")
     if s.undefined:
       out.append(f"No AUROC (one class only in this set, left out of means): "
                  f"{', '.join(s.undefined)}.")
@@ -212,7 +215,7 @@ def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
       out.append("|" + "---|" * len(head))
       for m in others:
         delta, p = _delta(diffs[set_name][m])
-        out.append(f"| {m} | {_num(results[m].summary.mean_auroc)} | {delta} "
+        out.append(f"| {m} | {num(results[m].summary.mean_auroc)} | {delta} "
                    f"| {p} |")
       out.append("")
     head = (["Label", "Pos", "Neg", f"{main} AUROC [95% CI]", "AUPRC", "ECE"]
@@ -221,9 +224,9 @@ def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
     out.append("|" + "---|" * len(head))
     for j, label in enumerate(s.label_names):
       row = [label, str(int(s.positives[j])), str(int(s.negatives[j])),
-             _num(s.auroc[j]) + _ci(s.auroc_ci[j]), _num(s.auprc[j]),
-             _num(s.ece[j])]
-      row += [_num(results[m].summary.auroc[j]) for m in others]
+             num(s.auroc[j]) + _ci(s.auroc_ci[j]), num(s.auprc[j]),
+             num(s.ece[j])]
+      row += [num(results[m].summary.auroc[j]) for m in others]
       out.append("| " + " | ".join(row) + " |")
     out += ["", f"![ROC curves]({images[set_name]})", ""]
   return "\n".join(out)
@@ -292,3 +295,59 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
                       {k: f"report/{v}" for k, v in images.items()}, main,
                       diffs))
   return top
+
+
+def write_thresholds(workdir: str, thresholds: dict) -> None:
+  """workdir/thresholds.json: those of the selected checkpoint."""
+  with open(os.path.join(workdir, "thresholds.json"), "w") as f:
+    json.dump(thresholds, f, indent=2)
+
+
+def thresholds_table(body, where: str) -> dict:
+  """The {label: threshold or None} table of a thresholds object (as in
+  thresholds.json and checkpoints); UserError naming `where` if malformed."""
+  table = body.get("thresholds") if isinstance(body, dict) else None
+  if not isinstance(table, dict) or not table or not all(
+      t is None or isinstance(t, (int, float)) for t in table.values()):
+    raise errors.UserError(f"{where} holds no per-label \"thresholds\" "
+                           f"object")
+  return table
+
+
+def write_predictions(workdir: str, name: str, result: Result
+                       ) -> None:
+  """workdir/predictions_<name>.npz: the selected model's probabilities,
+  targets, mask, patients and label names (the columns) of one test set,
+  for paired comparisons of two runs on the same images (ablations, method
+  comparisons)."""
+  np.savez(os.path.join(workdir, f"predictions_{slug(name)}.npz"),
+           probs=result.probs, targets=result.targets, mask=result.mask,
+           patients=np.asarray(result.groups, dtype=str),
+           label_names=np.asarray(result.summary.label_names, dtype=str))
+
+
+def run_header(c, d, expert_names: Sequence[str],
+               expert_paths: Sequence[str], meta: dict) -> list[str]:
+  """report.md's opening lines: what was trained on what, how the model was
+  selected and where it is reported. `c` the config, `d` the run's
+  `resolve.Data`, `meta` the selected checkpoint's."""
+  return [
+      f"Data: {c.data.dataset} "
+      f"({c.data.root or 'synthetic, generated in the cache'}), "
+      f"{len(d.train.index)} training images, labels: "
+      f"{', '.join(d.label_names)}.",
+      "Experts: " + ", ".join(
+          f"{n} ({p})" for n, p in zip(expert_names, expert_paths))
+      + (" (small test-bed experts: no pretrained weights configured)."
+         if not c.experts else "."),
+      f"Training: {c.train.steps} steps of batch {c.train.batch_size}, seed "
+      f"{c.seed}. Model: the checkpoint of step {meta['step']}, selected on "
+      f"{d.valid.name} ({len(d.valid.index)} images; mean AUROC "
+      f"{num(meta.get('best_metric'), 4)}); thresholds chosen there too.",
+      f"Reported on held-out {d.test.name} ({len(d.test.index)} images, no "
+      f"patient shared with training or validation); mean AUROC over "
+      f"{', '.join(c.eval.mean_labels) or 'all labels'}; 95% CIs resample "
+      f"patients ({c.eval.bootstrap} resamples).",
+      "Zero-shot: each frozen expert with the label prompts "
+      f"\"{c.zero_shot.positive}\" / \"{c.zero_shot.negative}\".",
+  ]

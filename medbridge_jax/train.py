@@ -20,7 +20,6 @@ computes exactly what the uninterrupted run would have.
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
@@ -408,16 +407,12 @@ def _log_eval(writer, step, set_name, summary, prefix):
 def select(run: Run) -> tuple[dict, dict]:
   """The (params, checkpoint meta) of the best state on validation (the
   last one when no validation AUROC was ever defined)."""
-  best = run.ckpt.restore_best(run.abstract_state)
-  if best is None:
-    best = run.ckpt.restore(run.abstract_state, run.config.to_dict())
-  state, meta = best
-  if "thresholds" not in meta:  # Written before thresholds were kept.
-    raise errors.UserError(
-        f"the selected checkpoint (step {meta['step']}) in {run.workdir} "
-        f"holds no thresholds; train afresh in another --workdir")
+  state, meta = run.ckpt.restore_which("selected", run.abstract_state,
+                                       run.config.to_dict())
+  checkpoints.thresholds_of(
+      meta, f"the selected checkpoint (step {meta['step']}) of {run.workdir}")
   logging.info("Selected step %d (validation mean AUROC %s).", meta["step"],
-               _num(meta.get("best_metric")))
+               report.num(meta.get("best_metric"), 4))
   return state["params"], meta
 
 
@@ -449,60 +444,16 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
   if run.lead:
     for r in records.values():
       report.append_jsonl(run.workdir, r)
-    path = report.write(run.workdir, sets, _report_header(run, meta),
-                        bootstrap=bootstrap, seed=int(c.seed))
-    _write_thresholds(run.workdir, meta["thresholds"])
+    header = report.run_header(c, run.data, run.expert_names,
+                               [e.path for e in run.experts], meta)
+    path = report.write(run.workdir, sets, header, bootstrap=bootstrap,
+                        seed=int(c.seed))
+    report.write_thresholds(run.workdir, meta["thresholds"])
     for k, (name, results) in enumerate(sets.items()):
-      _write_predictions(run.workdir, "test" if k == 0 else name,
-                         results["MedBridge"])
+      report.write_predictions(run.workdir, "test" if k == 0 else name,
+                               results["MedBridge"])
     logging.info("Report: %s", path)
   return records[run.data.test.name]
-
-
-def _write_thresholds(workdir: str, thresholds: dict) -> None:
-  """workdir/thresholds.json: those of the selected checkpoint."""
-  with open(os.path.join(workdir, "thresholds.json"), "w") as f:
-    json.dump(thresholds, f, indent=2)
-
-
-def _write_predictions(workdir: str, name: str, result: report.Result
-                       ) -> None:
-  """workdir/predictions_<name>.npz: the selected model's probabilities,
-  targets, mask, patients and label names (the columns) of one test set,
-  for paired comparisons of two runs on the same images (ablations, method
-  comparisons)."""
-  np.savez(os.path.join(workdir, f"predictions_{report.slug(name)}.npz"),
-           probs=result.probs, targets=result.targets, mask=result.mask,
-           patients=np.asarray(result.groups, dtype=str),
-           label_names=np.asarray(result.summary.label_names, dtype=str))
-
-
-def _report_header(run: Run, meta: dict) -> list[str]:
-  c, d = run.config, run.data
-  return [
-      f"Data: {c.data.dataset} "
-      f"({c.data.root or 'synthetic, generated in the cache'}), "
-      f"{len(d.train.index)} training images, labels: "
-      f"{', '.join(d.label_names)}.",
-      "Experts: " + ", ".join(
-          f"{n} ({e.path})" for n, e in zip(run.expert_names, run.experts))
-      + (" (small test-bed experts: no pretrained weights configured)."
-         if not c.experts else "."),
-      f"Training: {c.train.steps} steps of batch {c.train.batch_size}, seed "
-      f"{c.seed}. Model: the checkpoint of step {meta['step']}, selected on "
-      f"{d.valid.name} ({len(d.valid.index)} images; mean AUROC "
-      f"{_num(meta.get('best_metric'))}); thresholds chosen there too.",
-      f"Reported on held-out {d.test.name} ({len(d.test.index)} images, no "
-      f"patient shared with training or validation); mean AUROC over "
-      f"{', '.join(c.eval.mean_labels) or 'all labels'}; 95% CIs resample "
-      f"patients ({c.eval.bootstrap} resamples).",
-      "Zero-shot: each frozen expert with the label prompts "
-      f"\"{c.zero_shot.positive}\" / \"{c.zero_shot.negative}\".",
-  ]
-
-
-def _num(x) -> str:
-  return "n/a" if x is None or not np.isfinite(x) else f"{x:.4f}"
 
 
 def _none_if_nan(x: float) -> Optional[float]:
@@ -534,5 +485,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     run.writer.close()
   logging.info("Done in %.1f s: %s mean AUROC %s (step %d).",
                time.monotonic() - t_start, run.data.test.name,
-               _num(record["mean_auroc"]), meta["step"])
+               report.num(record["mean_auroc"], 4), meta["step"])
   return record

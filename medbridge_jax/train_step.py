@@ -1,6 +1,8 @@
 """The jitted training update: loss, gradients (optionally accumulated over
 micro-batches) and one optimizer step over the trainable parameters."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -51,30 +53,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
       (_, parts), grads = grad_fn(state["params"], frozen, *args, key,
                                   class_weights, known, 1.0)
     else:
-      # Micro-batch i takes rows i, i + accum, ...: every device keeps an
-      # equal share of every micro-batch, so no rows move between devices.
-      def split(x):
-        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
-      def body(carry, xs):
-        *micro, i = xs
-        micro = [jax.lax.with_sharding_constraint(m, batch_sharding)
-                 for m in micro]
-        (_, p), g = grad_fn(state["params"], frozen, *micro,
-                            jax.random.fold_in(key, i), class_weights,
-                            known, 1.0 / accum)
-        return jax.tree.map(jnp.add, carry, (g, p)), None
-
-      shapes = jax.eval_shape(
-          grad_fn, state["params"], frozen,
-          *[jax.ShapeDtypeStruct((a.shape[0] // accum,) + a.shape[1:], a.dtype)
-            for a in args], key, class_weights, known, 1.0 / accum)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           (shapes[1], shapes[0][1]))
-      # Every part is already scaled to its share of the batch: sum them.
-      (grads, parts), _ = jax.lax.scan(
-          body, zeros, tuple(split(a) for a in args) + (jnp.arange(accum),))
+      grads, parts = _accumulate(
+          functools.partial(grad_fn, state["params"], frozen), args, key,
+          class_weights, known, accum, batch_sharding)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = dict(step=state["step"] + 1,
                      params=optax.apply_updates(state["params"], updates),
@@ -84,3 +65,36 @@ def make_train_step(model, tx: optax.GradientTransformation,
     return new_state, out
 
   return step_fn
+
+
+def _accumulate(grad_fn, args, key, class_weights, known, accum: int,
+                batch_sharding):
+  """(grads, loss parts) summed over `accum` micro-batches in a scan.
+
+  `grad_fn(images, targets, mask, key, class_weights, known, share)` is the
+  value-and-grad of the loss with the parameters bound; every part it
+  returns is already scaled to its micro-batch's share of the batch.
+  """
+  # Micro-batch i takes rows i, i + accum, ...: every device keeps an
+  # equal share of every micro-batch, so no rows move between devices.
+  def split(x):
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  def body(carry, xs):
+    *micro, i = xs
+    micro = [jax.lax.with_sharding_constraint(m, batch_sharding)
+             for m in micro]
+    (_, p), g = grad_fn(*micro, jax.random.fold_in(key, i), class_weights,
+                        known, 1.0 / accum)
+    return jax.tree.map(jnp.add, carry, (g, p)), None
+
+  shapes = jax.eval_shape(
+      grad_fn,
+      *[jax.ShapeDtypeStruct((a.shape[0] // accum,) + a.shape[1:], a.dtype)
+        for a in args], key, class_weights, known, 1.0 / accum)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       (shapes[1], shapes[0][1]))
+  (grads, parts), _ = jax.lax.scan(
+      body, zeros, tuple(split(a) for a in args) + (jnp.arange(accum),))
+  return grads, parts

@@ -39,7 +39,7 @@ def test_keep_n_best_and_resume(tmp_path):
   assert meta["step"] == 8 and meta["data"] == {"next_index": 8}
   assert float(state["params"]["w"][0, 0]) == 8.0
   assert c.best_metric == 0.9
-  best, best_meta = c.restore_best(ABSTRACT)
+  best, best_meta = c.restore_best(ABSTRACT, CONFIG)
   assert best_meta["step"] == 4 and float(best["params"]["w"][0, 0]) == 4.0
   c.close()
 
@@ -98,7 +98,7 @@ def test_read_only_reader_changes_nothing(tmp_path):
   c = checkpoints.Checkpointer(str(tmp_path), keep=2, read_only=True)
   state, meta = c.restore(ABSTRACT, CONFIG)
   assert meta["step"] == 2 and float(state["params"]["w"][0, 0]) == 2.0
-  assert c.restore_best(ABSTRACT) is None  # no metric was ever saved
+  assert c.restore_best(ABSTRACT, CONFIG) is None  # no metric was ever saved
   with pytest.raises(ValueError, match="read-only"):
     c.save(8, _state(8), {"config": CONFIG})
   c.close()

@@ -16,7 +16,8 @@ def test_evaluate_passes_the_seen_rows_patients(monkeypatch):
       paths=tuple(f"img{i}.png" for i in range(n)), patients=tuple(g),
       studies=tuple(f"s{i}" for i in range(n)), label_names=names,
       labels=y.astype(np.float32))
-  eval_set = labels.LabelledSplit("synthetic/valid", idx, np.ones(3, bool), y, m)
+  eval_set = labels.LabelledSplit("synthetic/valid", idx, np.ones(3, bool), y,
+                                  m)
   seen = np.random.default_rng(0).random(n) > 0.1  # Some images unreadable.
   probs = 1 / (1 + np.exp(-s))
   monkeypatch.setattr(evaluate, "predict", lambda *a, **k: (probs, seen))

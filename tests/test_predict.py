@@ -102,7 +102,7 @@ def _evaluation_probs(workdir, config, eval_set, which):
       state)
   ckpt = checkpoints.Checkpointer(workdir, 2)
   if which == "best":
-    restored, meta = ckpt.restore_best(abstract)
+    restored, meta = ckpt.restore_best(abstract, config.to_dict())
   else:
     restored, meta = ckpt.restore(abstract, config.to_dict())
   ckpt.close()

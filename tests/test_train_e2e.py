@@ -75,7 +75,7 @@ def test_one_run_end_to_end(cache, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   # thresholds.json: those stored with the selected checkpoint.
   c = checkpoints.Checkpointer(workdir, 2)
-  _, best_meta = c.restore_best(None)
+  _, best_meta = c.restore_best(None, config.to_dict())
   c.close()
   with open(os.path.join(workdir, "thresholds.json")) as f:
     assert json.load(f) == best_meta["thresholds"]

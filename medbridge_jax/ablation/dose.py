@@ -6,12 +6,15 @@ from typing import Sequence
 
 import ml_collections
 
-from medbridge_jax import cache
-from medbridge_jax import errors
 from medbridge_jax.ablation import numbers
 from medbridge_jax.ablation import runs
 from medbridge_jax.ablation import tables
 from medbridge_jax.ablation import variants
+from medbridge_jax import cache
+from medbridge_jax.data import synthetic
+from medbridge_jax.data import synthetic_draw
+from medbridge_jax import errors
+from medbridge_jax import train
 
 DOSE_VARIANTS = ("full", "global_only")
 
@@ -20,7 +23,6 @@ def dose_levels(scales: Sequence[float], contrasts: Sequence[float]
                 ) -> list[tuple[float, float]]:
   """(focal_scale, focal_contrast) levels: the scales at contrast 1, then
   the contrasts at scale 1, each once, in the order given."""
-  from medbridge_jax.data import synthetic_draw  # pylint: disable=g-import-not-at-top
   out = []
   for level in [(float(s), 1.0) for s in scales] + [
       (1.0, float(c)) for c in contrasts]:
@@ -59,7 +61,6 @@ def dose_config(config: ml_collections.ConfigDict, scale: float,
   data.root, so the run reads exactly those images whatever else resolves
   data; data.synthetic.focal_* record the dose.
   """
-  from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   _check_dose_data(config)
   d = config.data
   c = copy.deepcopy(config)
@@ -88,7 +89,6 @@ def run_dose(config: ml_collections.ConfigDict, workdir: str,
   _check_dose_data(config)
   grid = variants.for_config(config)
   run_seeds = runs.seeds(config, num_seeds)
-  from medbridge_jax import train  # pylint: disable=g-import-not-at-top
   workdir = train.prepare_workdir(workdir)
   jobs = []
   for scale, contrast in levels:

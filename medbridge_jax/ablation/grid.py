@@ -8,11 +8,12 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from medbridge_jax import errors
 from medbridge_jax.ablation import numbers
 from medbridge_jax.ablation import runs
 from medbridge_jax.ablation import tables
 from medbridge_jax.ablation import variants
+from medbridge_jax import errors
+from medbridge_jax import train
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -34,7 +35,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   grid = variants.for_config(config)
   names = check_names(grid, names)
   run_seeds = runs.seeds(config, num_seeds)
-  from medbridge_jax import train  # pylint: disable=g-import-not-at-top
   workdir = train.prepare_workdir(workdir)
   jobs = [((n, s), variants.variant_config(config, grid[n], s),
            runs.run_folder(workdir, n, s)) for n in names for s in run_seeds]

@@ -4,15 +4,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from medbridge_jax import errors
 from medbridge_jax.ablation import runs
+from medbridge_jax.data import synthetic
+from medbridge_jax import errors
+from medbridge_jax import metrics
 
 GROUPS = ("global", "focal")
 
 
 def label_groups(label_names: Sequence[str]) -> dict[str, list[str]]:
   """"global"/"focal" -> the run's labels in that group (synthetic names)."""
-  from medbridge_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   return {g: [n for n in label_names if synthetic.LABEL_GROUPS.get(n) == g]
           for g in GROUPS}
 
@@ -28,7 +29,6 @@ def paired(a: runs.RunResult, b: runs.RunResult, subset: Sequence[str],
   """AUROC of run `a` minus run `b` on the same test images, with its
   patient-level paired bootstrap interval (`metrics.PairedDifference` as
   JSON), the mean taken over `subset` (all labels if empty)."""
-  from medbridge_jax import metrics  # pylint: disable=g-import-not-at-top
   same = (a.label_names == b.label_names
           and a.targets.shape == b.targets.shape
           and np.array_equal(a.targets, b.targets, equal_nan=True)

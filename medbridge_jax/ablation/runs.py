@@ -16,8 +16,10 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from medbridge_jax import errors
 from medbridge_jax.ablation import tables
+from medbridge_jax import errors
+from medbridge_jax import report
+from medbridge_jax import train
 
 REQUEST_FILE = "ablation_request.json"  # In each sub-workdir: its config.
 RESULT_FILE = "ablation_run.json"  # Written when its run has finished.
@@ -56,7 +58,6 @@ def run_one(config: ml_collections.ConfigDict, run_dir: str) -> dict:
     {"run_dir", "test_set", "wall_s", "reused"}, or {"run_dir", "stopped"}
     when a SIGTERM stopped the training.
   """
-  from medbridge_jax import train  # pylint: disable=g-import-not-at-top
   _claim(run_dir, json.loads(json.dumps(config.to_dict())))
   done = os.path.join(run_dir, RESULT_FILE)
   if os.path.isfile(done) and os.path.isfile(
@@ -146,7 +147,6 @@ def read_run(run_dir: str, test_set: str) -> RunResult:
 
 def _final_record(run_dir: str, test_set: str) -> dict:
   """The last final record of `test_set` in run_dir/metrics.jsonl."""
-  from medbridge_jax import report  # pylint: disable=g-import-not-at-top
   finals = [r for r in report.read_jsonl(run_dir)
             if r.get("final") and r.get("set") == test_set]
   if not finals:

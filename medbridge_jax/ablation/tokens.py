@@ -6,15 +6,15 @@ import os
 import ml_collections
 
 from medbridge_jax import errors
+from medbridge_jax.experts import from_config
+from medbridge_jax.experts import loader
+from medbridge_jax.experts import random_experts
+from medbridge_jax import jsonfile
 
 
 def expert_geometry(config: ml_collections.ConfigDict
                     ) -> list[tuple[int, int]]:
   """(input side, patch size) of each expert, without loading weights."""
-  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
-  from medbridge_jax import jsonfile  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.experts import loader  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
   out = []
   if config.experts:
     for path in from_config.expert_paths(config)[0]:

@@ -8,8 +8,10 @@ from typing import Optional
 from absl import logging
 import ml_collections
 
-from medbridge_jax import errors
 from medbridge_jax.ablation import tokens
+from medbridge_jax import errors
+from medbridge_jax.experts import from_config
+from medbridge_jax.experts import random_experts
 
 REFERENCE = "full"  # Every variant's paired differences are against it.
 # random_experts spec item of the held-out-shapes pre-training (no disks, no
@@ -107,7 +109,6 @@ def _variant(row: tuple, facts: dict) -> Variant:
 
 def _single_experts(config: ml_collections.ConfigDict) -> list[Variant]:
   """single_k for each expert k, where there are several."""
-  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   if config.experts:
     names = [os.path.basename(os.path.normpath(p)) for p in
              from_config.as_list(config.experts, "config.experts")]
@@ -124,8 +125,6 @@ def _single_experts(config: ml_collections.ConfigDict) -> list[Variant]:
 def _heldout_rows(config: ml_collections.ConfigDict) -> list[tuple]:
   """[HELDOUT_PRETRAINING] where every random expert is pre-trained and
   knows HELDOUT_ITEM, else []."""
-  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
-  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
   if config.experts:
     return []
   specs = from_config.as_list(config.random_experts,
@@ -142,7 +141,6 @@ def _heldout_rows(config: ml_collections.ConfigDict) -> list[tuple]:
 
 
 def _heldout_supported(spec: str) -> bool:
-  from medbridge_jax.experts import random_experts  # pylint: disable=g-import-not-at-top
   try:
     random_experts.parse_spec(f"{spec},{HELDOUT_ITEM}")
   except errors.UserError:
@@ -167,7 +165,6 @@ def variant_config(config: ml_collections.ConfigDict, variant: Variant,
     if key == "single_expert":
       _keep_one_expert(c, value)
     elif key == "random_experts_item":
-      from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
       c.random_experts = tuple(
           f"{s},{value}" for s in from_config.as_list(
               c.random_experts, "config.random_experts"))
@@ -179,7 +176,6 @@ def variant_config(config: ml_collections.ConfigDict, variant: Variant,
 
 
 def _keep_one_expert(c: ml_collections.ConfigDict, k: int) -> None:
-  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
   if c.experts:
     c.experts = (from_config.as_list(c.experts, "config.experts")[k],)
   else:

@@ -44,6 +44,7 @@ def read_image(path: str, size: int) -> np.ndarray:
   if not os.path.isfile(path):
     raise UserError(f"{path}: image file not found")
   if path.lower().endswith(DICOM_SUFFIXES):
+    # pydicom loads only when a DICOM file comes.
     from medbridge_jax.data import dicom  # pylint: disable=g-import-not-at-top
     try:
       pixels = dicom.read_dicom(path) * np.float32(255.0)

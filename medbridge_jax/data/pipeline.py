@@ -187,6 +187,8 @@ def _check(index, image_size, on_bad_image, num_workers, batch_size):
 
 def _host_rows(n: int, shard: tuple[int, int] | None) -> np.ndarray:
   if shard is None:
+    # JAX only here, when no shard is given: grain's worker processes import
+    # this module and should not load JAX.
     import jax  # pylint: disable=g-import-not-at-top
     shard = (jax.process_index(), jax.process_count())
   p, count = shard

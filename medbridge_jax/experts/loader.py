@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from medbridge_jax import jsonfile
 from medbridge_jax.errors import UserError
@@ -32,6 +33,7 @@ VISION_ONLY = ("clip_vision_model", "siglip_vision_model",
 @contextlib.contextmanager
 def quiet_transformers():
   """Mutes transformers' warnings about its own default sub-configs."""
+  # transformers takes seconds to import: only when a config is parsed.
   import transformers  # pylint: disable=g-import-not-at-top
   level = transformers.logging.get_verbosity()
   transformers.logging.set_verbosity_error()
@@ -126,7 +128,6 @@ def _refuse_pickles(path: str):
 
 
 def _read_safetensors(file: str) -> Dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   try:
     with safe_open(file, framework="np") as f:
       return {k: f.get_tensor(k) for k in f.keys()}

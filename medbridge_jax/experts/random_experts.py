@@ -35,11 +35,14 @@ from typing import Callable, Dict, Tuple
 from absl import logging
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
+from safetensors.numpy import save_file
 
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import hf_names
 from medbridge_jax.experts import loader
+from medbridge_jax.experts import pretrain
 from medbridge_jax.experts.expert import FAMILY_MEAN_STD
 from medbridge_jax.experts.text import TextConfig, TextTower
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
@@ -180,6 +183,7 @@ def _siglip_sentences():
 
 def train_spiece(vocab_size: int = 256) -> bytes:
   """A small unigram sentencepiece model, deterministic, trained offline."""
+  # sentencepiece and transformers load only when a folder is written.
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
@@ -342,7 +346,6 @@ def pretraining_record(spec: str, seed: int) -> dict:
 
   `pretraining.json` holds this plus where and when it was made.
   """
-  from medbridge_jax.experts import pretrain  # pylint: disable=g-import-not-at-top
   _, v = parse_spec(spec)
   return {"spec": spec, "seed": seed, "steps": v["pretrain"],
           **pretrain.recipe(v["pretrain_shapes"])}
@@ -361,7 +364,6 @@ def _cpu_model() -> str:
 
 
 def _made_by() -> dict:
-  import jaxlib  # pylint: disable=g-import-not-at-top
   return {"platform": f"{jax.default_backend()} "
                       f"({jax.devices()[0].device_kind}), {_cpu_model()}, "
                       f"{platform.machine()} {platform.system()}",
@@ -375,7 +377,6 @@ def write(path: str, spec: str, seed: int = 0) -> str:
   Files are built in a sibling temporary folder and moved into place, so a
   crash never leaves a half-written checkpoint that looks complete.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   family, v = parse_spec(spec)
   path = os.path.abspath(os.path.expanduser(str(path)))
   parent = os.path.dirname(path)
@@ -389,7 +390,6 @@ def write(path: str, spec: str, seed: int = 0) -> str:
     vision, text = tower_configs(family, v, tok["vocab_size"], tok["eos"])
     params = init_params(vision, text, seed)
     if v["pretrain"]:
-      from medbridge_jax.experts import pretrain  # pylint: disable=g-import-not-at-top
       params["vision"], final = pretrain.pretrain(
           vision, params["vision"], v["pretrain"], seed,
           log=_progress(spec, v["pretrain"]), shapes=v["pretrain_shapes"])

@@ -338,6 +338,14 @@ def check_tower(model_tower: Any, expert: Any) -> dict:
       {p: jnp.asarray(v, jnp.float32) for p, v in have.items()}, sep="/")
 
 
+def tower_params(abstract: dict, experts: Sequence[Any]) -> dict:
+  """{"expert_k": {"tower": the loaded vision params}} of every expert,
+  each checked against the model's `abstract` params (`check_tower`)."""
+  return {f"expert_{k}": {"tower": check_tower(abstract[f"expert_{k}"]["tower"],
+                                               e)}
+          for k, e in enumerate(experts)}
+
+
 def abstract_params(model: MedBridge, image_size: int) -> dict:
   """The model's params as ShapeDtypeStructs, for images of side
   `image_size` (nothing is computed)."""
@@ -365,16 +373,13 @@ def init_params(model: MedBridge, key: Array, experts: Sequence[Any],
                      f"{len(model.experts)}")
   images = jnp.zeros((1, image_size, image_size), jnp.float32)
   abstract = abstract_params(model, image_size)
-  towers = [check_tower(abstract[f"expert_{k}"]["tower"], e)
-            for k, e in enumerate(experts)]
+  towers = tower_params(abstract, experts)
   if sharding is not None:
     towers = jax.device_put(towers, sharding)
 
   def init(k, towers):
-    given = {"params": {f"expert_{k}": {"tower": t}
-                        for k, t in enumerate(towers)}}
-    _, new = model.apply(given, images, train=False, rngs={"params": k},
-                         mutable=["params"])
+    _, new = model.apply({"params": towers}, images, train=False,
+                         rngs={"params": k}, mutable=["params"])
     return new["params"]
 
   out_shardings = (None if sharding is None
