@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import ml_collections
 
 from medbridge_jax import default_config
+from medbridge_jax import methods
 from medbridge_jax.experts import from_config
 from medbridge_jax.data import labels as labels_lib
 from medbridge_jax.data import pipeline
@@ -36,6 +37,7 @@ from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import losses
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import moe
+from medbridge_jax.model import peft
 from medbridge_jax.model import query_encoder
 
 
@@ -78,6 +80,16 @@ _MODEL_RANGES = (
     ("moe.balance_loss", lambda v: _finite(v) and v >= 0, ">= 0"),
     ("moe.gate_hidden", lambda v: v >= 0, ">= 0 (0 = a linear gate)"),
 )
+# config.method's knobs (methods.py, model/baselines.py, model/peft.py).
+_METHOD_RANGES = (
+    ("adapter_reduction", lambda v: v >= 1, ">= 1"),
+    ("adapter_ratio", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("vpt_prompts", lambda v: v >= 1, ">= 1"),
+    ("lora_rank", lambda v: v >= 1, ">= 1"),
+    ("lora_alpha", lambda v: _finite(v) and v > 0, "> 0"),
+    ("finetune_last", lambda v: v == -1 or v >= 1,
+     "-1 (every block) or >= 1"),
+)
 _RANGES = (
     ("seed", lambda v: v >= 0, ">= 0"),
     ("data.image_size", lambda v: v >= 1, ">= 1"),
@@ -109,6 +121,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   docstring); touches no file, data set or device."""
   _check_schema(config, default_config.get_default(), "config")
   _check_model(config.model)
+  check_method(config.method)
   for key, names in _enums():
     one_of(f"config.{key}", _get(config, key), names)
   for key, rule, says in _RANGES:
@@ -125,6 +138,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   focal_sampling.check_config(int(config.data.image_size), sides,
                               config.model.focal)
   for k, g in enumerate(geometry or ()):
+    check_finetune_depth(config.method, g["layers"],
+                          f"config.random_experts[{k}]")
     try:
       query_encoder.resolve_layer(int(config.model.queries.inject_layer),
                                   g["layers"])
@@ -162,6 +177,33 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
   if m.fusion.keep_global and not m.focal.global_view:
     raise UserError("config.model.fusion.keep_global=True needs a global "
                     "view (config.model.focal.global_view=True)")
+
+
+def check_method(m: ml_collections.ConfigDict) -> None:
+  """`config.method`'s rules: schema, the method's name, every knob's
+  range (all knobs, whichever method is chosen: a typo waits for no one)."""
+  _check_schema(m, default_config.get_default().method, "config.method")
+  one_of("config.method.name", m.name, methods.NAMES)
+  for key, rule, says in _METHOD_RANGES:
+    in_range(f"config.method.{key}", m[key], rule, says)
+  targets = m.lora_targets
+  if isinstance(targets, str) or not targets:
+    raise UserError(f"config.method.lora_targets={targets!r} must be a "
+                    f"tuple of one or more of {peft.LORA_TARGETS}")
+  for t in targets:
+    one_of("config.method.lora_targets entry", t, peft.LORA_TARGETS)
+  if len(set(targets)) != len(targets):
+    raise UserError(f"config.method.lora_targets={tuple(targets)!r} names "
+                    f"a projection twice")
+
+
+def check_finetune_depth(m: ml_collections.ConfigDict, num_layers: int,
+                          where: str) -> None:
+  # methods.partition_rules: the last finetune_last blocks of each tower.
+  if m.name == "finetune" and m.finetune_last > num_layers:
+    raise UserError(f"config.method.finetune_last={m.finetune_last} is more "
+                    f"than the {num_layers} blocks of {where} (-1 fine-tunes "
+                    f"every block)")
 
 
 # ---------------------------------------------------------------------------

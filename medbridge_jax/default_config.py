@@ -93,6 +93,25 @@ def get_default() -> ml_collections.ConfigDict:
   c.model.head = ml_collections.ConfigDict()
   c.model.head.text_init = True  # Init heads from label-prompt text embeddings.
 
+  # ---- Method ---------------------------------------------------------------
+  # What adapts the frozen experts: MedBridge, or one of the baselines it is
+  # compared with (methods.py). Every method reads the same data, trains with
+  # the same loop and loss, and is evaluated and reported the same way.
+  # Baselines see each expert's whole image at the expert's input side (the
+  # global view) and combine experts like MedBridge (config.model.moe).
+  c.method = ml_collections.ConfigDict()
+  # medbridge | linear_probe | clip_adapter | vpt_shallow | vpt_deep | lora
+  # | coop | finetune.
+  c.method.name = "medbridge"
+  c.method.adapter_reduction = 4  # CLIP-Adapter bottleneck: width / this.
+  c.method.adapter_ratio = 0.2  # CLIP-Adapter residual ratio in [0, 1].
+  c.method.vpt_prompts = 8  # VPT prompt tokens (per layer when deep).
+  c.method.lora_rank = 4  # LoRA rank r.
+  c.method.lora_alpha = 8.0  # LoRA scale alpha (the update is alpha / r AB).
+  c.method.lora_targets = ("query", "value")  # Adapted attention projections.
+  c.method.coop_class_specific = False  # CoOp: one context per label.
+  c.method.finetune_last = 2  # Blocks fine-tuned, the last; -1 = all (full).
+
   # ---- Zero-shot baseline -----------------------------------------------------
   c.zero_shot = ml_collections.ConfigDict()
   c.zero_shot.enabled = True  # Report the frozen experts' zero-shot AUROC.

@@ -14,9 +14,11 @@ toward equal gates). It leaves alone what carries meaning in its value:
 query tokens (decayed, the Q queries would shrink toward one and the same
 token), view-type embeddings, biases and norm scales, the heads (a
 text-initialised head is the zero-shot classifier; decay would pull it away)
-and the towers should a partition rule ever train them (pre-trained). The
-rule is by parameter path, like the partition rules: a trainable parameter
-no rule covers is an error.
+and the towers where a method trains them (fine-tuning: pre-trained
+values). Of the baselines' own parameters, CLIP-Adapter's MLP and LoRA's
+factors decay (zero is the frozen model they start near); VPT's prompt
+tokens and CoOp's contexts do not. The rule is by parameter path, like the
+partition rules: a trainable parameter no rule covers is an error.
 """
 
 import jax
@@ -43,7 +45,9 @@ def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 DECAY_ACTIONS = ("decay", "keep")
 # (regex on the parameter path, "decay" | "keep"); the first match decides.
 DECAY_RULES = (
-    (r"^expert_\d+/tower/", "keep"),
+    # Loaded towers (also where a method fine-tunes them, nested in a
+    # method's module, or CoOp's text tower): pre-trained values.
+    (r"^expert_\d+/(.+/)?(text_)?tower/", "keep"),
     (r"/(bias|scale)$", "keep"),
     (r"^expert_\d+/fusion/block_\d+/(attn/(query|key|value|out)|fc1|fc2)"
      r"/kernel$", "decay"),
@@ -51,6 +55,14 @@ DECAY_RULES = (
     (r"^expert_\d+/encoder/queries$", "keep"),
     (r"^expert_\d+/fusion/view_type$", "keep"),
     (r"^expert_\d+/head/kernel$", "keep"),
+    # The baselines (methods.py). CLIP-Adapter's MLP and LoRA's factors
+    # decay toward zero, i.e. toward the frozen features the method starts
+    # near; VPT prompts and CoOp contexts are tokens (decayed, they would
+    # lose what they are: the context words' embeddings CoOp starts from).
+    (r"^expert_\d+/adapter/(down|up)/kernel$", "decay"),
+    (r"^expert_\d+/peft/lora/layers_\d+/\w+/(a|b)$", "decay"),
+    (r"^expert_\d+/peft/prompts$", "keep"),
+    (r"^expert_\d+/prompts/(positive|negative)_context$", "keep"),
 )
 
 

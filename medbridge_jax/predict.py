@@ -205,6 +205,7 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   from medbridge_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top
   from medbridge_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import methods  # pylint: disable=g-import-not-at-top
   from medbridge_jax import optim  # pylint: disable=g-import-not-at-top
   from medbridge_jax import sharding  # pylint: disable=g-import-not-at-top
   from medbridge_jax import train_state  # pylint: disable=g-import-not-at-top
@@ -221,15 +222,18 @@ def load_model(run: Run, checkpoint: str = "best") -> Loaded:
   # checkpoint replaces: skip the prompts' text forward (and tokenizers).
   build_config = ml_collections.ConfigDict(config.to_dict())
   build_config.model.head.text_init = False
-  model = medbridge.build(build_config, experts, run.label_names)
+  model = methods.build(build_config, experts, run.label_names)
+  rules = methods.partition_rules(config, experts)
 
   # Prediction runs on this machine's devices, whatever the run trained on.
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1}))
   replicated = sharding.replicated(mesh)
   abstract = medbridge.abstract_params(model, int(config.data.image_size))
-  trainable, _ = partition.split(abstract)
+  trainable, _ = partition.split(abstract, rules)
+  # The loaded towers, less what the method trained (fine-tuned blocks):
+  # that comes from the checkpoint.
   frozen = jax.device_put(
-      partition.split(medbridge.tower_params(abstract, experts))[1],
+      partition.split(medbridge.tower_params(abstract, experts), rules)[1],
       replicated)
   abstract_state = train_state.abstract(trainable, optim.make(config.train),
                                         replicated)

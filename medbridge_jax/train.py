@@ -1,4 +1,6 @@
-"""Training and evaluation of MedBridge: `train_and_evaluate(config, workdir)`.
+"""Training and evaluation of MedBridge (or of the baseline
+`config.method` names, through the very same loop, see methods.py):
+`train_and_evaluate(config, workdir)`.
 
 One run, in four steps:
   set up     data (train / valid / test splits, no shared patient), experts,
@@ -11,7 +13,9 @@ One run, in four steps:
              model;
   report     that model (and the frozen experts' zero-shot baseline) on the
              held-out test split and any extra test sets, with patient-level
-             intervals: report.md, metrics.jsonl, thresholds.json.
+             intervals: report.md, metrics.jsonl, thresholds.json; and
+             run_info.json (method, parameter counts, training speed, peak
+             memory) when training ends.
 
 Reproducibility: the step's random key is fold_in(seed, step) and the data
 order is a function of (seed, position), so a run resumed from a checkpoint
@@ -42,9 +46,12 @@ from medbridge_jax import config_check
 from medbridge_jax import errors
 from medbridge_jax import evaluate
 from medbridge_jax.experts import from_config
+from medbridge_jax import jsonfile
+from medbridge_jax import methods
 from medbridge_jax import metrics
 from medbridge_jax import optim
 from medbridge_jax import report
+from medbridge_jax import run_info
 from medbridge_jax import sharding
 from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
@@ -87,7 +94,8 @@ class Run:
   expert_names: list[str]
   prompts: list  # Per expert (L, 2, P) label-prompt embeddings.
   towers: list[dict]  # checkpoints.tower_fingerprints of the experts.
-  model: medbridge.MedBridge
+  model: Any  # methods.build's: MedBridge or a baseline.
+  param_counts: dict  # partition.count: {"train": n, "frozen": n}.
   frozen: dict  # The experts' towers, on the mesh.
   state: dict  # train_state: step, trainable params, optimizer state.
   abstract_state: dict
@@ -120,21 +128,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
                                          config.zero_shot.positive,
                                          config.zero_shot.negative)
              for e in experts]
-  model = medbridge.build(config, experts, data.label_names,
-                          prompt_embeddings=prompts)
-  logging.info("%s.", focal_sampling.summary(focal_sampling.describe(
-      int(config.data.image_size), [int(e.image_size) for e in experts],
-      config.model.focal)))
+  model = methods.build(config, experts, data.label_names,
+                        prompt_embeddings=prompts)
+  logging.info("Method: %s.", methods.describe(config))
+  if config.method.name == "medbridge":
+    logging.info("%s.", focal_sampling.summary(focal_sampling.describe(
+        int(config.data.image_size), [int(e.image_size) for e in experts],
+        config.model.focal)))
 
   # Parameters laid out directly on the mesh (replicated: data parallel).
   # The towers come from the loaded experts (checked against the model's
-  # shapes); only MedBridge's own parameters are initialised.
+  # shapes); only the method's own parameters are initialised.
   replicated = sharding.replicated(mesh)
   init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
   params = medbridge.init_params(model, init_key, experts,
                                  int(config.data.image_size), replicated)
-  logging.info("%s.", partition.describe(params))
-  trainable, frozen = partition.split(params)
+  rules = methods.partition_rules(config, experts)
+  logging.info("%s.", partition.describe(params, rules))
+  param_counts = partition.count(params, rules)
+  trainable, frozen = partition.split(params, rules)
   del params
   tx = optim.make(tc)
   state = train_state.create(trainable, tx, replicated)
@@ -151,7 +163,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       config=config, workdir=workdir, lead=lead, mesh=mesh, data=data,
       experts=experts, expert_names=names, prompts=prompts,
       towers=checkpoints.tower_fingerprints(experts, names), model=model,
-      frozen=frozen, state=state, abstract_state=abstract_state,
+      param_counts=param_counts, frozen=frozen, state=state, abstract_state=abstract_state,
       start_step=0, feed=resolve.train_feed(data, config),
       ckpt=checkpoints.Checkpointer(workdir, int(tc.keep_checkpoints)),
       class_weights=weights,
@@ -325,6 +337,7 @@ def train(run: Run) -> bool:
       num_train_steps=total, writer=run.writer,
       every_steps=int(tc.log_every) or None, every_secs=None)
   bar = _progress_bar(total, run.start_step)
+  speed = run_info.Speed(int(tc.batch_size))
   watch = _TrainMetrics()
   watch.last_saved = run.start_step if run.start_step else None
   try:
@@ -333,6 +346,7 @@ def train(run: Run) -> bool:
         batch = sharding.to_global(next(run.feed), run.mesh)
         run.state, m = step_fn(run.state, run.frozen, batch,
                                run.class_weights)
+        speed.stepped(run.state)
         watch.add(step, m)
         progress(step)
         if bar is not None:
@@ -343,7 +357,9 @@ def train(run: Run) -> bool:
         stop = sigterm.stop_after(step, tc)
         save_due = _is_due(step, int(tc.checkpoint_every)) or stop
         if eval_due or save_due or _is_due(step, int(tc.log_every)):
-          watch.flush()
+          watch.flush()  # Waits for the step: the pause below is not it.
+        if eval_due or save_due:
+          speed.pause()
         if _is_due(step, int(tc.log_every)):
           run.writer.write_scalars(step, {
               f"train/{k}": v for k, v in watch.mean_and_reset().items()})
@@ -358,16 +374,22 @@ def train(run: Run) -> bool:
           if run.ckpt.save(step, run.state, _meta(run, result),
                            metric=_metric(result), force=stop):
             watch.last_saved = step
+        speed.resume()
         if stop and step < total:
           logging.info("SIGTERM: saved step %d and stopped; rerun the same "
                        "command to resume.", watch.last_saved)
           return False
       watch.flush()
+      speed.stop(run.state)
   finally:
     if bar is not None:
       bar.close()
     run.feed.close()
     run.ckpt.wait()
+  # A finished run rerun (to report again) trains nothing: its file stays.
+  if run.lead and run.start_step < total:
+    run_info.write(run.workdir, str(run.config.method.name),
+                   run.param_counts, speed.images_per_s())
   return True
 
 

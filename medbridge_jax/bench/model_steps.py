@@ -3,7 +3,8 @@
   forward  one frozen expert tower, pixels (B, side, side, 3) -> features,
            in the compute dtype with the frozen path's attention kernel;
   train    `train_step.make_train_step` (the real step: focal views, K experts'
-           Query-Encoders, fusion, MoE, loss, backward, AdamW), jitted as
+           Query-Encoders, fusion, MoE, loss, backward, AdamW; or the
+           baseline `config.method` names), jitted as
            `train.train_and_evaluate` jits it;
   eval     `evaluate.make_model_fn` (sliding-window views, probabilities);
   matmul   one large jitted matmul: the ceiling the others are held to.
@@ -25,6 +26,7 @@ from medbridge_jax import default_config
 from medbridge_jax import errors
 from medbridge_jax import evaluate
 from medbridge_jax import experts as experts_lib
+from medbridge_jax import methods
 from medbridge_jax.experts import from_config
 from medbridge_jax import optim
 from medbridge_jax import sharding
@@ -63,15 +65,17 @@ def expert_spec(name: str) -> str:
 
 def make_config(spec: str, *, batch: int, dtype: str,
                 views: Optional[int], num_experts: Optional[int],
-                attention: str, image_size: Optional[int]
-                ) -> ml_collections.ConfigDict:
+                attention: str, image_size: Optional[int],
+                method: str = "medbridge") -> ml_collections.ConfigDict:
   """The default config with the benchmark's choices applied.
 
   `views` (N, training views per image) and `num_experts` (K) default to
   the default config's. Heads start random (text_init off): their
-  initialisation does not change a step's cost.
+  initialisation does not change a step's cost. `method`: a
+  `methods.NAMES` entry (the baselines see one view per expert).
   """
   c = default_config.get_default()
+  c.method.name = method
   c.model.compute_dtype = dtype
   c.model.attention_impl = attention
   c.model.head.text_init = False
@@ -93,10 +97,10 @@ def make_config(spec: str, *, batch: int, dtype: str,
 
 @dataclasses.dataclass
 class Setup:
-  """A built MedBridge model with its parameters on the device(s)."""
+  """A built model (`methods.build`) with its parameters on the device(s)."""
   config: ml_collections.ConfigDict
   expert: Any  # experts.Expert (all K experts share it).
-  model: medbridge.MedBridge
+  model: Any  # MedBridge or a baseline.
   mesh: jax.sharding.Mesh
   trainable: dict
   frozen: dict
@@ -119,6 +123,8 @@ class Setup:
 
   def num_views(self, train_mode: bool) -> int:
     """N: views per image and expert in a train or eval step."""
+    if self.config.method.name != "medbridge":
+      return 1  # The baselines' global view.
     s, size = self.settings, int(self.config.data.image_size)
     return focal_sampling.num_views(
         size, size, crop=s.crop_for(self.side), num_local=s.num_local,
@@ -135,7 +141,7 @@ class Setup:
 
 
 def build(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
-  """Loads the (cached) random expert and builds MedBridge around it."""
+  """Loads the (cached) random expert and builds the method around it."""
   spec = config.random_experts[0]
   path = from_config.random_expert_folder(spec, 0)
   expert = experts_lib.load(path, dtype=from_config.compute_dtype(config))
@@ -147,11 +153,12 @@ def build(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
   if crop > int(config.data.image_size):
     raise errors.UserError(f"--image_size={config.data.image_size} is smaller "
                            f"than the crop side {crop}")
-  model = medbridge.build(config, [expert] * k, LABELS)
+  model = methods.build(config, [expert] * k, LABELS)
   params = medbridge.init_params(model, jax.random.key(seed), [expert] * k,
                                  int(config.data.image_size),
                                  sharding.replicated(mesh))
-  trainable, frozen = partition.split(params)
+  trainable, frozen = partition.split(
+      params, methods.partition_rules(config, [expert] * k))
   return Setup(config, expert, model, mesh, trainable, frozen)
 
 
@@ -163,7 +170,9 @@ def forward(setup: Setup) -> Call:
   s = setup.settings
   tower = VisionTower(setup.expert.vision.config, dtype=s.dtype,
                       attention_impl=s.attention_impl)
-  params = setup.frozen["expert_0"]["tower"]
+  # The loaded weights (a method may train some of the tower's own).
+  params = jax.device_put(setup.expert.params["vision"],
+                          sharding.replicated(setup.mesh))
   pixels = timing.random_array(
       (setup.batch, setup.side, setup.side, 3), jnp.float32,
       sharding.batch_sharding(setup.mesh))

@@ -228,19 +228,32 @@ class MedBridge(nn.Module):
           self.make_rng("focal"), b, s.num_local, h, w, s.lung_bias, largest)
     outs = [ExpertBranch(spec, s, self.num_labels, name=f"expert_{k}")(
         images, train, centres) for k, spec in enumerate(self.experts)]
-    expert_logits = jnp.stack([o[0] for o in outs], axis=1)  # (B, K, L)
-    b, k = expert_logits.shape[:2]
-    if s.moe and k > 1:
-      gate = moe.Gate(k, self.num_labels, s.gating, s.top_k, s.gate_hidden,
-                      name="gate")
-      gates, balance = gate([o[1] for o in outs])
-    else:
-      gates = jnp.full((b, k), 1.0 / k, jnp.float32)
-      balance = jnp.zeros((), jnp.float32)
-    logits = moe.combine(gates, expert_logits).astype(jnp.float32)
-    aux = {"gates": gates, "expert_logits": expert_logits,
-           "balance_loss": balance}
-    return logits, aux
+    return mix_experts(outs, self.num_labels, s)
+
+
+def mix_experts(outs: Sequence[Tuple[Array, Array]], num_labels: int,
+                settings: Settings) -> Tuple[Array, dict]:
+  """(logits (B, L) float32, aux) from K experts' (logits, pooled vector).
+
+  With MoE on and K > 1 a `moe.Gate` named "gate" (a submodule of the
+  calling module: call this inside a compact method) weighs the experts
+  from their pooled vectors; otherwise they are averaged. aux as
+  `MedBridge.__call__` returns it.
+  """
+  s = settings
+  expert_logits = jnp.stack([o[0] for o in outs], axis=1)  # (B, K, L)
+  b, k = expert_logits.shape[:2]
+  if s.moe and k > 1:
+    gate = moe.Gate(k, num_labels, s.gating, s.top_k, s.gate_hidden,
+                    name="gate")
+    gates, balance = gate([o[1] for o in outs])
+  else:
+    gates = jnp.full((b, k), 1.0 / k, jnp.float32)
+    balance = jnp.zeros((), jnp.float32)
+  logits = moe.combine(gates, expert_logits).astype(jnp.float32)
+  aux = {"gates": gates, "expert_logits": expert_logits,
+         "balance_loss": balance}
+  return logits, aux
 
 
 def settings_from_config(model_config: ml_collections.ConfigDict) -> Settings:
@@ -266,12 +279,20 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
       positive / negative label prompts. None with `model.head.text_init`:
       computed here with `experts.zero_shot.prompt_embeddings`.
   """
-  if not experts:
-    raise UserError("no experts: give config.experts or random_experts")
-  if not labels:
-    raise UserError("no labels to train on")
+  check_nonempty(experts, labels)
   settings = settings_from_config(config.model)
   check_views(config, experts)
+  specs = expert_specs(config, experts, labels, prompt_embeddings)
+  return MedBridge(specs, len(labels), settings)
+
+
+def expert_specs(config: ml_collections.ConfigDict, experts: Sequence[Any],
+                 labels: Sequence[str],
+                 prompt_embeddings: Optional[Sequence[Any]] = None
+                 ) -> Tuple[ExpertSpec, ...]:
+  """Each expert's `ExpertSpec`, with the text-initialised head directions
+  when `config.model.head.text_init` (see `build` for the arguments)."""
+  check_nonempty(experts, labels)
   text_init = bool(config.model.head.text_init)
   if text_init and prompt_embeddings is None:
     prompt_embeddings = [
@@ -295,7 +316,15 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
         vision=e.vision.config, side=int(e.image_size),
         mean=tuple(float(x) for x in e.image_mean),
         std=tuple(float(x) for x in e.image_std), directions=directions))
-  return MedBridge(tuple(specs), len(labels), settings)
+  return tuple(specs)
+
+
+def check_nonempty(experts: Sequence[Any], labels: Sequence[str]) -> None:
+  """UserError when there is no expert or no label to build a model for."""
+  if not experts:
+    raise UserError("no experts: give config.experts or random_experts")
+  if not labels:
+    raise UserError("no labels to train on")
 
 
 def check_views(config: ml_collections.ConfigDict,
@@ -317,36 +346,73 @@ def _shape(x) -> Tuple[int, ...]:
   return tuple(getattr(x, "shape", np.shape(x)))
 
 
-def check_tower(model_tower: Any, expert: Any) -> dict:
-  """The expert's vision params as float32, after checking them against the
-  model's tower subtree (arrays or ShapeDtypeStructs): every path and shape
-  must match; the first difference is an error naming it."""
-  want = traverse_util.flatten_dict(dict(model_tower), sep="/")
-  have = traverse_util.flatten_dict(dict(expert.params["vision"]), sep="/")
+def _check_loaded(model_tree: Any, loaded: Any, expert: Any,
+                  what: str) -> dict:
+  """`loaded` as float32, after checking it against the model's subtree
+  (arrays or ShapeDtypeStructs): every path and shape must match; the first
+  difference is an error naming it (`what`: "tower" or "text tower")."""
+  want = traverse_util.flatten_dict(dict(model_tree), sep="/")
+  have = traverse_util.flatten_dict(dict(loaded), sep="/")
   for path in sorted(set(want) | set(have)):
     if path not in have:
-      raise UserError(f"expert {expert.name}: tower parameter {path!r} "
+      raise UserError(f"expert {expert.name}: {what} parameter {path!r} "
                       f"missing from the loaded weights")
     if path not in want:
       raise UserError(f"expert {expert.name}: loaded parameter {path!r} is "
-                      f"not in the model's tower")
+                      f"not in the model's {what}")
     if _shape(have[path]) != _shape(want[path]):
-      raise UserError(f"expert {expert.name}: tower parameter {path!r} has "
+      raise UserError(f"expert {expert.name}: {what} parameter {path!r} has "
                       f"shape {_shape(have[path])}, the model expects "
                       f"{_shape(want[path])}")
   return traverse_util.unflatten_dict(
       {p: jnp.asarray(v, jnp.float32) for p, v in have.items()}, sep="/")
 
 
+def check_tower(model_tower: Any, expert: Any) -> dict:
+  """The expert's vision params as float32, after checking them against the
+  model's tower subtree (arrays or ShapeDtypeStructs): every path and shape
+  must match; the first difference is an error naming it."""
+  return _check_loaded(model_tower, expert.params["vision"], expert, "tower")
+
+
+# Subtrees of an expert's params that hold loaded weights, by module name:
+# the vision tower (every method) and the text tower (learned prompts).
+LOADED = {"tower": ("vision", "tower"), "text_tower": ("text", "text tower")}
+
+
+def _loaded_subtrees(tree: Any, expert: Any) -> dict:
+  """Every `tower` / `text_tower` subtree of `tree` (at any depth), holding
+  the expert's loaded, checked weights; other params are left out."""
+  out = {}
+  for key, sub in tree.items():
+    if key in LOADED:
+      part, what = LOADED[key]
+      out[key] = _check_loaded(sub, expert.params[part], expert, what)
+    elif hasattr(sub, "items"):
+      inner = _loaded_subtrees(sub, expert)
+      if inner:
+        out[key] = inner
+  return out
+
+
 def tower_params(abstract: dict, experts: Sequence[Any]) -> dict:
-  """{"expert_k": {"tower": the loaded vision params}} of every expert,
-  each checked against the model's `abstract` params (`check_tower`)."""
-  return {f"expert_{k}": {"tower": check_tower(abstract[f"expert_{k}"]["tower"],
-                                               e)}
-          for k, e in enumerate(experts)}
+  """The loaded weights of every expert, where the model's `abstract`
+  params hold them: each `expert_k/.../tower` subtree gets the expert's
+  vision params, each `expert_k/.../text_tower` its text params (MedBridge:
+  {"expert_k": {"tower": ...}}), each checked against the model's shapes.
+  An expert subtree without a tower is an error."""
+  out = {}
+  for k, e in enumerate(experts):
+    name = f"expert_{k}"
+    if name not in abstract:
+      raise ValueError(f"the model has no {name} for expert {e.name}")
+    out[name] = _loaded_subtrees(abstract[name], e)
+    if not out[name]:
+      raise ValueError(f"the model's {name} holds no tower")
+  return out
 
 
-def abstract_params(model: MedBridge, image_size: int) -> dict:
+def abstract_params(model: nn.Module, image_size: int) -> dict:
   """The model's params as ShapeDtypeStructs, for images of side
   `image_size` (nothing is computed)."""
   images = jnp.zeros((1, image_size, image_size), jnp.float32)
@@ -355,10 +421,11 @@ def abstract_params(model: MedBridge, image_size: int) -> dict:
       jax.random.key(0))
 
 
-def init_params(model: MedBridge, key: Array, experts: Sequence[Any],
+def init_params(model: nn.Module, key: Array, experts: Sequence[Any],
                 image_size: int, sharding: Optional[Any] = None) -> dict:
-  """MedBridge params (the "params" collection): loaded towers, the rest
-  initialised randomly from `key`.
+  """The params (the "params" collection) of MedBridge or of any model with
+  its calling convention (`methods.build`): loaded towers (`tower_params`),
+  the rest initialised randomly from `key`.
 
   `image_size` is the stored image side H = W. The towers are never
   randomly initialised: their loaded weights are checked against the
