@@ -87,19 +87,29 @@ class TextTower(nn.Module):
       return jnp.argmax(ids, axis=-1)
     return jnp.argmax(ids == c.eos_token_id, axis=-1)
 
-  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-               output_hidden_states: bool = False):
-    """(features (B, P), hidden_states): hidden states as transformers lists
-    them (embeddings, then each layer's output), or () if not asked."""
-    c = self.config
+  def _check_ids(self, input_ids: Array) -> Array:
     ids = jnp.asarray(input_ids, jnp.int32)
     if ids.ndim != 2:
       raise ValueError(f"input_ids must be (batch, length); got {ids.shape}")
-    if ids.shape[1] > c.max_length:
+    if ids.shape[1] > self.config.max_length:
       raise ValueError(f"text length {ids.shape[1]} exceeds the checkpoint's "
-                       f"max_position_embeddings {c.max_length}")
-    x = jnp.take(self.token_embedding, ids, axis=0)
-    x = (x + self.position_embedding[None, :ids.shape[1]]).astype(self.dtype)
+                       f"max_position_embeddings {self.config.max_length}")
+    return ids
+
+  def embed_tokens(self, input_ids: Array) -> Array:
+    """(B, T) token ids -> (B, T, D) rows of the token embedding table
+    (float32 params, no positions): what `encode_embeddings` takes."""
+    return jnp.take(self.token_embedding, self._check_ids(input_ids), axis=0)
+
+  def _encode(self, embeds: Array, ids: Array, attention_mask: Optional[Array],
+              output_hidden_states: bool):
+    """The tower from token embeddings on: positions, layers, norm, pooling
+    at `ids`' end position, projection."""
+    if embeds.shape != ids.shape + (self.config.hidden_size,):
+      raise ValueError(f"token embeddings {embeds.shape} do not match ids "
+                       f"{ids.shape} and width {self.config.hidden_size}")
+    x = (embeds + self.position_embedding[None, :ids.shape[1]]
+         ).astype(self.dtype)
     mask = self._mask(ids, attention_mask)
     hidden = [x]
     for layer in self.layers:
@@ -110,3 +120,23 @@ class TextTower(nn.Module):
         x, self._pool_index(ids)[:, None, None], axis=1)[:, 0]
     features = self.projection(pooled)
     return features, (tuple(hidden) if output_hidden_states else ())
+
+  def encode_embeddings(self, embeds: Array, input_ids: Array,
+                        attention_mask: Optional[Array] = None) -> Array:
+    """Token embeddings (B, T, D) -> text features (B, P).
+
+    `embeds` replaces the token-embedding lookup (learned prompt context
+    goes in here); `input_ids` (B, T) still decide the pooling position
+    (CLIP's end token) and, with `attention_mask`, the attention mask.
+    With `embeds = embed_tokens(input_ids)` this is `__call__`, bit for bit.
+    """
+    ids = self._check_ids(input_ids)
+    return self._encode(embeds, ids, attention_mask, False)[0]
+
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               output_hidden_states: bool = False):
+    """(features (B, P), hidden_states): hidden states as transformers lists
+    them (embeddings, then each layer's output), or () if not asked."""
+    ids = self._check_ids(input_ids)
+    x = jnp.take(self.token_embedding, ids, axis=0)
+    return self._encode(x, ids, attention_mask, output_hidden_states)
