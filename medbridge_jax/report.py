@@ -232,6 +232,26 @@ def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
   return "\n".join(out)
 
 
+def _write_metrics_csv(path: str,
+                       sets: Mapping[str, Mapping[str, Result]]) -> None:
+  """One row per set, method and label (and its mean), full precision."""
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["set", "method", "label", "auroc", "auroc_ci_low",
+                "auroc_ci_high", "auprc", "ece", "positives", "negatives"])
+    for set_name, results in sets.items():
+      for method, r in results.items():
+        s = r.summary
+        for j, label in enumerate(s.label_names):
+          w.writerow([set_name, method, label, f"{s.auroc[j]:.6f}",
+                      f"{s.auroc_ci[j, 0]:.6f}", f"{s.auroc_ci[j, 1]:.6f}",
+                      f"{s.auprc[j]:.6f}", f"{s.ece[j]:.6f}",
+                      int(s.positives[j]), int(s.negatives[j])])
+        w.writerow([set_name, method, "MEAN", f"{s.mean_auroc:.6f}",
+                    f"{s.mean_auroc_ci[0]:.6f}", f"{s.mean_auroc_ci[1]:.6f}",
+                    f"{s.mean_auprc:.6f}", f"{s.mean_ece:.6f}", "", ""])
+
+
 def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
           header: Sequence[str] = (), main: str = "MedBridge", *,
           bootstrap: Optional[int] = None, seed: Optional[int] = None) -> str:
@@ -254,15 +274,15 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
   Raises:
     ValueError: two Results of one set have different targets.
   """
-  diffs = {}
-  for set_name, results in sets.items():
-    ours = results[main]
-    diffs[set_name] = {
-        m: paired_difference(
-            ours, r, ours.summary.num_resamples if bootstrap is None
-            else bootstrap,
-            ours.summary.ci_seed if seed is None else seed)
-        for m, r in results.items() if m != main}
+  diffs = {
+      set_name: {
+          m: paired_difference(
+              results[main], r,
+              results[main].summary.num_resamples if bootstrap is None
+              else bootstrap,
+              results[main].summary.ci_seed if seed is None else seed)
+          for m, r in results.items() if m != main}
+      for set_name, results in sets.items()}
   report_dir = os.path.join(workdir, "report")
   os.makedirs(report_dir, exist_ok=True)
   images = {}
@@ -270,21 +290,7 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
     png = f"roc_{slug(set_name)}.png"
     _plot_roc(os.path.join(report_dir, png), set_name, results)
     images[set_name] = png
-  with open(os.path.join(report_dir, "metrics.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["set", "method", "label", "auroc", "auroc_ci_low",
-                "auroc_ci_high", "auprc", "ece", "positives", "negatives"])
-    for set_name, results in sets.items():
-      for method, r in results.items():
-        s = r.summary
-        for j, label in enumerate(s.label_names):
-          w.writerow([set_name, method, label, f"{s.auroc[j]:.6f}",
-                      f"{s.auroc_ci[j, 0]:.6f}", f"{s.auroc_ci[j, 1]:.6f}",
-                      f"{s.auprc[j]:.6f}", f"{s.ece[j]:.6f}",
-                      int(s.positives[j]), int(s.negatives[j])])
-        w.writerow([set_name, method, "MEAN", f"{s.mean_auroc:.6f}",
-                    f"{s.mean_auroc_ci[0]:.6f}", f"{s.mean_auroc_ci[1]:.6f}",
-                    f"{s.mean_auprc:.6f}", f"{s.mean_ece:.6f}", "", ""])
+  _write_metrics_csv(os.path.join(report_dir, "metrics.csv"), sets)
   # Δ and ≥ in the tables: UTF-8 whatever the locale.
   with open(os.path.join(report_dir, "report.md"), "w",
             encoding="utf-8") as f:
