@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from medbridge_jax import errors, from_config, train
+from medbridge_jax import errors, train
 from medbridge_jax.ablation import dose, grid, runs, tokens, variants
 from medbridge_jax.data import synthetic
 from medbridge_jax.data import synthetic_draw
+from medbridge_jax.experts import from_config
 from medbridge_jax.experts import zero_shot
 from medbridge_jax.model import medbridge
 from tests import tiny_run

@@ -16,9 +16,10 @@ import sys
 import numpy as np
 import pytest
 
-from medbridge_jax import checkpoints, errors, evaluate, from_config
+from medbridge_jax import checkpoints, errors, evaluate
 from medbridge_jax import metrics, optim, predict, sharding, train
 from medbridge_jax.data import resolve
+from medbridge_jax.experts import from_config
 from tests import tiny_run
 
 REPO = tiny_run.REPO
