@@ -213,12 +213,18 @@ class VisionTower(nn.Module):
     return x
 
   def encode(self, tokens: Array, start: int = 0,
-             end: Optional[int] = None) -> Array:
-    """Runs frozen layers [start, end) on (B, S, D) tokens."""
+             end: Optional[int] = None,
+             differentiated: bool = False) -> Array:
+    """Runs frozen layers [start, end) on (B, S, D) tokens.
+
+    `differentiated`: a training step backpropagates through these layers
+    (e.g. to prompts or adapters), so their attention needs a kernel with
+    a backward (see layers.choose_attention).
+    """
     start, end = self._check_range(start, end)
     x = jnp.asarray(tokens, self.dtype)
     for layer in self.layers[start:end]:
-      x = layer(x)
+      x = layer(x, differentiated=differentiated)
     return x
 
   def encode_with_extra(self, tokens: Array, extra: Array, start: int = 0,
@@ -265,12 +271,18 @@ class VisionTower(nn.Module):
     # the usual stand-in (big_vision's "gap").
     return self.head(x, differentiated) if c.use_head else x.mean(axis=1)
 
-  def __call__(self, pixels: Array, output_hidden_states: bool = False):
+  def __call__(self, pixels: Array, output_hidden_states: bool = False,
+               differentiated: bool = False):
     """(features, hidden_states): hidden states as transformers lists them
-    (the embedding output, then every layer's output), or () if not asked."""
+    (the embedding output, then every layer's output), or () if not asked.
+
+    `differentiated`: a training step backpropagates through the whole
+    tower (e.g. to LoRA adapters); see layers.choose_attention.
+    """
     x = self.embed(pixels)
     hidden = [x]
     for layer in self.layers:
-      x = layer(x)
+      x = layer(x, differentiated=differentiated)
       hidden.append(x)
-    return self.pool(x), (tuple(hidden) if output_hidden_states else ())
+    features = self.pool(x, differentiated)
+    return features, (tuple(hidden) if output_hidden_states else ())
