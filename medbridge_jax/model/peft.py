@@ -9,6 +9,8 @@ holds the frozen tower as a submodule named `tower`, so its params live at
   VptFeatures   visual prompt tuning (Jia et al. 2022): learnable prompt
                 tokens carried through the frozen layers.
                   params: tower/..., prompts (M, D) shallow | (L, M, D) deep
+                `prompted_features(tower, pixels, prompts, deep)` is its
+                forward, for a tower that lives elsewhere.
   LoraFeatures  LoRA (Hu et al. 2021) on the attention projections of every
                 encoder layer: W' = W + (alpha / rank) * A @ B.
                   params: tower/..., lora/layers_{i}/{target}/a (D, r),
@@ -75,28 +77,49 @@ class VptFeatures(nn.Module):
       raise UserError(f"VPT init_std must be >= 0; got {self.init_std}")
     tower = VisionTower(self.vision, self.dtype, self.attention_impl,
                         name="tower")
-    m, n, d = self.num_prompts, tower.num_layers, tower.hidden_size
-    tokens = tower.embed(pixels)
-    if m == 0:
-      return tower.pool(tower.encode(tokens, differentiated=True),
-                        differentiated=True)
-    shape = (n, m, d) if self.deep else (m, d)
+    if self.num_prompts == 0:
+      return prompted_features(tower, pixels, None, self.deep)
+    shape = ((tower.num_layers,) if self.deep else ()) + (
+        self.num_prompts, tower.hidden_size)
     prompts = self.param("prompts", nn.initializers.normal(self.init_std),
-                         shape).astype(tower.dtype)
-    p = tower.num_prefix_tokens
-    b = tokens.shape[0]
+                         shape)
+    return prompted_features(tower, pixels, prompts, self.deep)
 
-    def with_prompts(x, layer_prompts):
-      """x with tokens [p, p + M) set to `layer_prompts`."""
-      rows = jnp.broadcast_to(layer_prompts[None], (b, m, d))
-      return jnp.concatenate([x[:, :p], rows, x[:, p:]], axis=1)
 
-    x = with_prompts(tokens, prompts[0] if self.deep else prompts)
-    for i in range(n):
-      if self.deep and i > 0:
-        x = with_prompts(drop_prompts(x, p, m), prompts[i])
-      x = tower.encode(x, i, i + 1, differentiated=True)
-    return tower.pool(drop_prompts(x, p, m), differentiated=True)
+def prompted_features(tower: VisionTower, pixels: Array,
+                      prompts: Optional[Array], deep: bool) -> Array:
+  """VPT's forward through a bound `tower`: image features (B, P).
+
+  `prompts`: (M, D) shallow or (L, M, D) deep (see VptFeatures), or None
+  for the frozen features (computed as `VisionTower.__call__` does, with
+  differentiated attention). Usable with a tower that lives elsewhere,
+  like the Query-Encoder's.
+  """
+  tokens = tower.embed(pixels)
+  if prompts is None:
+    return tower.pool(tower.encode(tokens, differentiated=True),
+                      differentiated=True)
+  n, d = tower.num_layers, tower.hidden_size
+  want = ((n,) if deep else ()) + (prompts.shape[-2], d)
+  if tuple(prompts.shape) != want:
+    raise ValueError(f"prompts of shape {tuple(prompts.shape)} for a "
+                     f"{'deep' if deep else 'shallow'} VPT; expected "
+                     f"{want}")
+  prompts = prompts.astype(tower.dtype)
+  p, m = tower.num_prefix_tokens, prompts.shape[-2]
+  b = tokens.shape[0]
+
+  def with_prompts(x, layer_prompts):
+    """x with the M prompt tokens inserted after the prefix tokens."""
+    rows = jnp.broadcast_to(layer_prompts[None], (b, m, d))
+    return jnp.concatenate([x[:, :p], rows, x[:, p:]], axis=1)
+
+  x = with_prompts(tokens, prompts[0] if deep else prompts)
+  for i in range(n):
+    if deep and i > 0:
+      x = with_prompts(drop_prompts(x, p, m), prompts[i])
+    x = tower.encode(x, i, i + 1, differentiated=True)
+  return tower.pool(drop_prompts(x, p, m), differentiated=True)
 
 
 def drop_prompts(tokens: Array, num_prefix: int, num_prompts: int) -> Array:
