@@ -15,6 +15,7 @@ import pytest
 from medbridge_jax.ablation import variants
 from medbridge_jax import config_check
 from medbridge_jax import default_config
+from medbridge_jax import methods
 from medbridge_jax.data import labels as labels_lib
 from medbridge_jax.data import pipeline
 from medbridge_jax.data import synthetic_draw
@@ -25,6 +26,7 @@ from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import losses
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import moe
+from medbridge_jax.model import peft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +76,9 @@ ENUMS = [
     ("data.train_split", "trian", "train", ("train", "valid", "test", "all")),
     ("data.valid_split", "vaild", "valid", ("train", "valid", "test", "all")),
     ("data.test_split", "tset", "test", ("train", "valid", "test", "all")),
+    ("method.name", "lorra", "lora", methods.NAMES),
+    ("method.name", "clip-adapter", "clip_adapter", methods.NAMES),
+    ("method.name", "fine_tune", "finetune", methods.NAMES),
 ]
 
 
@@ -107,6 +112,12 @@ def _valid_values():
                      ("data.on_bad_image", pipeline.BAD_IMAGE_POLICIES),
                      ("data.synthetic.variant", synthetic_draw.VARIANTS),
                      ("loss.class_weights", ("none", "balanced")),
+                     ("method.name", ("medbridge", "linear_probe",
+                                      "clip_adapter", "vpt_shallow",
+                                      "vpt_deep", "lora", "coop",
+                                      "finetune")),
+                     ("method.lora_targets", [(t,) for t in
+                                              peft.LORA_TARGETS]),
                      ("data.dataset", ("chexpert", "nih", "mimic", "vindr",
                                        "rsna", "synthetic", "synthetic:nih",
                                        "synthetic:chexpert"))):
@@ -147,6 +158,16 @@ def test_every_valid_name_passes(key, value):
     ("model.moe.top_k", 0, ">= 1"),
     ("model.moe.balance_loss", -0.1, ">= 0"),
     ("model.moe.gate_hidden", -1, ">= 0"),
+    ("method.adapter_reduction", 0, ">= 1"),
+    ("method.adapter_ratio", -0.1, "in [0, 1]"),
+    ("method.adapter_ratio", 1.5, "in [0, 1]"),
+    ("method.adapter_ratio", math.nan, "in [0, 1]"),
+    ("method.vpt_prompts", 0, ">= 1"),
+    ("method.lora_rank", 0, ">= 1"),
+    ("method.lora_alpha", 0.0, "> 0"),
+    ("method.lora_alpha", math.inf, "> 0"),
+    ("method.finetune_last", 0, "-1 (every block) or >= 1"),
+    ("method.finetune_last", -2, "-1 (every block) or >= 1"),
 ])
 def test_out_of_range_names_key_value_and_range(key, value, rule):
   message = _error(**{key: value})
@@ -168,6 +189,33 @@ def test_out_of_range_names_key_value_and_range(key, value, rule):
 ])
 def test_other_ranges(key, value, fragment):
   assert fragment in _error(**{key: value})
+
+
+def test_method_knob_bounds_pass():
+  config_check.check(_config(**{"method.adapter_ratio": 0.0,
+                                "method.finetune_last": -1,
+                                "method.adapter_reduction": 1}))
+  config_check.check(_config(**{"method.adapter_ratio": 1.0}))
+
+
+@pytest.mark.parametrize("targets,fragment", [
+    (("query", "vaule"), "config.method.lora_targets entry='vaule' is not "
+     "one of 'query', 'key', 'value', 'out' (did you mean 'value'?)"),
+    ((), "config.method.lora_targets=() must be a tuple of one or more"),
+    (("query", "query"), "names a projection twice"),
+])
+def test_lora_targets(targets, fragment):
+  assert fragment in _error(**{"method.lora_targets": targets})
+
+
+def test_finetune_deeper_than_a_random_expert_names_it():
+  # The default's test-bed experts have 4 blocks.
+  assert _error(**{"method.name": "finetune",
+                   "method.finetune_last": 5}) == (
+      "config.method.finetune_last=5 is more than the 4 blocks of "
+      "config.random_experts[0] (-1 fine-tunes every block)")
+  # Other methods do not read the knob's depth.
+  config_check.check(_config(**{"method.finetune_last": 5}))
 
 
 def test_generated_data_needs_64_px_but_real_data_does_not():
