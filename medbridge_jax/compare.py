@@ -13,7 +13,9 @@ model selection on the validation split and evaluation. Runs are cached as
 the ablation's are (`ablation.runs`): a finished run is reused, an
 unfinished one resumes from its checkpoints, and a sub-workdir asked to run
 another config is an error. SIGTERM stops after the current run's
-checkpoint; the same command resumes.
+checkpoint; the same command resumes. Each run trains in a fresh process
+(`comparison.isolated`; --noisolate: all in this one), since the peak
+memory a process reports only ever grows.
 
 The table (DIR/compare.md and DIR/compare.json, printed too), per test set
 (the main test split, then each extra test set of the config): per method
@@ -60,6 +62,10 @@ def _define_flags():
       "medbridge_jax.methods.NAMES; medbridge always runs).")
   flags.DEFINE_integer("seeds", 3, "Training seeds per method (config.seed "
                        "and the next ones).")
+  flags.DEFINE_bool(
+      "isolate", True, "Train each run in a fresh process, so that its peak "
+      "memory and speed are its own (--noisolate: all in this process; a "
+      "run's peak memory is then the largest of the runs so far).")
   flags.mark_flag_as_required("config")
   return config
 
@@ -75,10 +81,12 @@ def main(argv, config_flag) -> None:
     from medbridge_jax import sharding
     from medbridge_jax.comparison import experiment
     # pylint: enable=g-import-not-at-top
-    sharding.maybe_initialize_distributed()
-    cli.enable_compilation_cache()  # Later runs skip compilation.
-    result = experiment.run(config, workdir, flags.FLAGS.methods,
-                            flags.FLAGS.seeds, spec)
+    fl = flags.FLAGS
+    if not fl.isolate:  # Else each run's own process does this.
+      sharding.maybe_initialize_distributed()
+      cli.enable_compilation_cache()  # Later runs skip compilation.
+    result = experiment.run(config, workdir, fl.methods, fl.seeds, spec,
+                            isolate=fl.isolate)
     print(result["markdown"])
     logging.info("Table: %s", os.path.join(os.path.abspath(workdir),
                                            experiment.STEM + ".md"))

@@ -11,8 +11,11 @@ bootstrap). One test runs the command for real on the runlocal config.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import zlib
 
 import jax
@@ -22,7 +25,7 @@ from sklearn import metrics as skm
 
 from medbridge_jax import errors, report, train
 from medbridge_jax.ablation import runs
-from medbridge_jax.comparison import experiment, tables
+from medbridge_jax.comparison import experiment, isolated, tables
 from medbridge_jax.data import synthetic_draw
 from tests import tiny_run
 
@@ -143,6 +146,11 @@ def fake(monkeypatch):
   return trainer
 
 
+def _run(*args, **kwargs):
+  """experiment.run in this process: the stand-in trainer lives here."""
+  return experiment.run(*args, isolate=False, **kwargs)
+
+
 def _config(**overrides):
   return tiny_run.tiny_config(**{"eval.bootstrap": 30, **overrides})
 
@@ -210,7 +218,7 @@ def _sk_of(run_dir, set_name):
 def test_table_numbers_come_from_the_runs_files(fake, tmp_path):
   config = _config()
   workdir = str(tmp_path / "cmp")
-  result = experiment.run(config, workdir, ["linear_probe", "lora"],
+  result = _run(config, workdir, ["linear_probe", "lora"],
                           num_seeds=2, config_spec="configs/x.py:runlocal")
   names = ["medbridge", "linear_probe", "lora"]  # The reference first.
   assert fake.calls == [os.path.join(workdir, n, f"seed{s}")
@@ -298,7 +306,7 @@ def test_table_numbers_come_from_the_runs_files(fake, tmp_path):
 def test_extra_test_sets_get_their_own_section(fake, tmp_path):
   config = _config(**{"data.test_datasets": (("synthetic:nih", "", "test"),)})
   workdir = str(tmp_path / "cmp")
-  result = experiment.run(config, workdir, ["coop"], num_seeds=1)
+  result = _run(config, workdir, ["coop"], num_seeds=1)
   assert [s["set"] for s in result["sets"]] == [MAIN, EXTRA]
   text = result["markdown"]
   assert text.index(f"## Test split: {MAIN}") < text.index(
@@ -320,9 +328,9 @@ def test_extra_test_sets_get_their_own_section(fake, tmp_path):
 def test_finished_runs_are_reused_resumed_and_never_mixed(fake, tmp_path):
   config = _config()
   workdir = str(tmp_path / "cmp")
-  first = experiment.run(config, workdir, ["clip_adapter"], num_seeds=1)
+  first = _run(config, workdir, ["clip_adapter"], num_seeds=1)
   assert len(fake.calls) == 2
-  again = experiment.run(config, workdir, ["clip_adapter"], num_seeds=1)
+  again = _run(config, workdir, ["clip_adapter"], num_seeds=1)
   assert len(fake.calls) == 2
   assert again["sets"] == first["sets"]
   assert [c["reused"] for c in first["costs"]] == [False, False]
@@ -332,21 +340,21 @@ def test_finished_runs_are_reused_resumed_and_never_mixed(fake, tmp_path):
   # resumes there from its checkpoints).
   run_dir = os.path.join(workdir, "clip_adapter", "seed0")
   os.remove(os.path.join(run_dir, runs.RESULT_FILE))
-  experiment.run(config, workdir, ["clip_adapter"], num_seeds=1)
+  _run(config, workdir, ["clip_adapter"], num_seeds=1)
   assert fake.calls[2:] == [run_dir]
 
   # Stopped by SIGTERM: the finished methods only, and a note; the same
   # command finishes the rest.
   stop = os.path.join(workdir, "vpt_deep", "seed0")
   fake.stop = {stop}
-  stopped = experiment.run(config, workdir, ["clip_adapter", "vpt_deep"],
+  stopped = _run(config, workdir, ["clip_adapter", "vpt_deep"],
                            num_seeds=1)
   assert stopped["stopped"] == stop
   assert {r["method"] for r in stopped["sets"][0]["rows"]} == {
       "medbridge", "clip_adapter"}
   assert "rerun the same command to resume" in stopped["markdown"]
   fake.stop = set()
-  done = experiment.run(config, workdir, ["clip_adapter", "vpt_deep"],
+  done = _run(config, workdir, ["clip_adapter", "vpt_deep"],
                         num_seeds=1)
   assert done["stopped"] is None and fake.calls[-1] == stop
   assert len(done["sets"][0]["rows"]) == 3
@@ -355,7 +363,7 @@ def test_finished_runs_are_reused_resumed_and_never_mixed(fake, tmp_path):
   calls = len(fake.calls)
   with pytest.raises(errors.UserError, match=r"made with another config "
                      r"\(train.steps: 4 there, 5 now\)"):
-    experiment.run(_config(**{"train.steps": 5}), workdir, ["clip_adapter"],
+    _run(_config(**{"train.steps": 5}), workdir, ["clip_adapter"],
                    num_seeds=1)
   assert len(fake.calls) == calls
 
@@ -363,10 +371,58 @@ def test_finished_runs_are_reused_resumed_and_never_mixed(fake, tmp_path):
 def test_unknown_or_repeated_method_is_a_user_error(fake, tmp_path):
   with pytest.raises(errors.UserError, match=r"--methods='lroa' is not one "
                      r"of .*\(did you mean 'lora'\?\)"):
-    experiment.run(_config(), str(tmp_path), ["linear_probe", "lroa"])
+    _run(_config(), str(tmp_path), ["linear_probe", "lroa"])
   with pytest.raises(errors.UserError, match="names a method twice"):
-    experiment.run(_config(), str(tmp_path), ["lora", "lora"])
+    _run(_config(), str(tmp_path), ["lora", "lora"])
   assert not fake.calls
+
+
+# ---------------------------------------------------------------------------
+# Runs in fresh processes.
+
+
+def _refuse():
+  raise errors.UserError("refused in the child")
+
+
+def _wait_for_sigterm(ready, handle):
+  """In the child: says it is ready, then waits for a SIGTERM (caught, as
+  the trainer does, if `handle`)."""
+  got = []
+  if handle:
+    signal.signal(signal.SIGTERM, lambda *_: got.append(1))
+  with open(ready, "w") as f:
+    f.write("ready")
+  for _ in range(600):
+    if got:
+      return "stopped cleanly"
+    time.sleep(0.1)
+  return "no SIGTERM came"
+
+
+def _sigterm_when(ready):
+  def send():
+    while not os.path.exists(ready):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+  threading.Thread(target=send, daemon=True).start()
+
+
+def test_children_answer_refuse_and_get_the_sigterm(tmp_path):
+  assert isolated.in_child(os.getpid) != os.getpid()
+  with pytest.raises(errors.UserError, match="refused in the child"):
+    isolated.in_child(_refuse)
+  # A SIGTERM to this process reaches the child; this process lives on.
+  ready = str(tmp_path / "ready")
+  _sigterm_when(ready)
+  assert isolated.in_child(_wait_for_sigterm, ready, True) == (
+      "stopped cleanly")
+  # A child the SIGTERM ends (outside the trainer's loop): Interrupted,
+  # which train_all reports as the run it stopped.
+  os.remove(ready)
+  _sigterm_when(ready)
+  with pytest.raises(isolated.Interrupted):
+    isolated.in_child(_wait_for_sigterm, ready, False)
 
 
 # ---------------------------------------------------------------------------
@@ -435,3 +491,8 @@ def test_real_comparison_end_to_end(tmp_path):
           [lo, hi], abs=1e-9)
   assert [z["variant"] for z in main["zero_shot"]] == [
       "zero-shot clip (random)", "zero-shot siglip (random)"]
+  # Each run in its own process: the linear probe's peak memory is its own,
+  # below MedBridge's (trained before it); in one process it could only
+  # have grown.
+  peak = {c["method"]: c["peak_memory_bytes"] for c in result["costs"]}
+  assert peak["linear_probe"] < peak["medbridge"], peak

@@ -1,6 +1,7 @@
 """Pieces of `python -m medbridge_jax.compare`, one idea per file.
 
   plan        which methods run, their configs and sub-workdirs
+  isolated    each run trained in a fresh process (its own peak memory)
   machine     the machine and date the table names
   collect     the finished runs read back: numbers per test set, costs
   tables      the comparison as markdown

@@ -8,6 +8,7 @@ import ml_collections
 from medbridge_jax.ablation import runs
 from medbridge_jax.ablation import tables as ablation_tables
 from medbridge_jax.comparison import collect
+from medbridge_jax.comparison import isolated
 from medbridge_jax.comparison import machine
 from medbridge_jax.comparison import plan
 from medbridge_jax.comparison import tables
@@ -18,7 +19,7 @@ STEM = "compare"  # workdir/compare.md and compare.json.
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         names: Sequence[str] = (), num_seeds: int = 3,
-        config_spec: str = "") -> dict:
+        config_spec: str = "", isolate: bool = True) -> dict:
   """Trains what is missing and writes the comparison.
 
   Args:
@@ -29,6 +30,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       (MedBridge) always runs, first.
     num_seeds: seeds per method: config.seed, config.seed + 1, ...
     config_spec: the --config given, for the header.
+    isolate: train each run in a fresh process (`isolated`), so that its
+      peak memory is its own; False: all in this process.
 
   Returns:
     The compare.json contents: {"sets": [...], "costs": [...], "markdown":
@@ -37,8 +40,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   names = plan.check_names(names)
   run_seeds = runs.seeds(config, num_seeds)
   workdir = train.prepare_workdir(workdir)
-  done, stopped = runs.train_all(plan.jobs(config, workdir, names,
-                                           run_seeds))
+  jobs = plan.jobs(config, workdir, names, run_seeds)
+  done, stopped = (isolated.train_all(jobs) if isolate
+                   else runs.train_all(jobs))
   result = table(config, workdir, names, run_seeds, done, config_spec)
   result["stopped"] = stopped
   result["markdown"] = tables.markdown(result)

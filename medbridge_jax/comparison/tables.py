@@ -40,7 +40,7 @@ def _intro(result: dict) -> list[str]:
          "trained.", "", "Methods:", ""]
   for name, what in result["methods"].items():
     tag = " (reference)" if name == result["reference"] else ""
-    out.append(f"- {name}{tag}: {what}")
+    out.append(f"- {name}{tag}: {what.removeprefix(name + ': ')}")
   return out
 
 
