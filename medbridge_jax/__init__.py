@@ -6,4 +6,12 @@ Subpackages:
   data/     Data set readers, label harmonisation, synthetic data, pipelines.
 """
 
+import os as _os
+
+# TensorFlow, imported by clu's metric writers, prints C++ INFO lines and a
+# oneDNN notice when it loads; every command wants them quiet, and the package
+# is imported before any of its modules.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 __version__ = "0.1.0"

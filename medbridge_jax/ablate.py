@@ -53,9 +53,6 @@ import os
 import sys
 from typing import Sequence
 
-# TensorFlow (imported by clu's writers) would print C++ INFO lines.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 from absl import app
 from absl import flags
 from absl import logging

@@ -14,11 +14,6 @@ command resumes from the workdir's checkpoints. All the work is in
 
 import os
 
-# TensorFlow (imported by clu's writers, never used to compute) would print
-# C++ INFO lines, among them a oneDNN notice that ignores the level.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
 from absl import app
 from absl import flags
 from absl import logging

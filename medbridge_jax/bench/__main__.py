@@ -46,11 +46,7 @@ on the device; step_ms is their median.
 """
 
 import json
-import os
 import sys
-
-# Set before JAX loads: its C++ logging (XLA, TSL) would print INFO lines.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app
 from absl import flags
