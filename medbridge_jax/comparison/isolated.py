@@ -84,6 +84,7 @@ def in_child(fn: Callable, *args):
 
 def _child(fn: Callable, args: tuple, send, verbosity: int) -> None:
   flags.FLAGS.mark_as_parsed()  # Nothing to parse: the parent did.
+  logging.use_absl_handler()  # The parent's log format (app.run's).
   logging.set_verbosity(verbosity)
   cli.quiet_libraries()
   # pylint: disable=g-import-not-at-top

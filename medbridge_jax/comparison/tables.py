@@ -50,8 +50,9 @@ def _section(result: dict, numbers: dict, main: bool) -> list[str]:
   out = ["", (f"## Test split: {numbers['set']}" if main
               else f"## Extra test set: {numbers['set']}"), "",
          f"Mean AUROC over {labels} with its 95% patient-level bootstrap "
-         f"interval; Δ: minus {ref}'s on the same images and seed, with a "
-         f"95% patient-level paired bootstrap interval "
+         f"interval; Δ: the method's mean AUROC minus {ref}'s on the same "
+         f"images and seed, with a 95% patient-level paired bootstrap "
+         f"interval "
          f"({c['eval']['bootstrap']} resamples each).", ""]
   cost_of = {(x["method"], x["seed"]): x for x in result["costs"]}
   head = ["Method", "Seed", "Mean AUROC [95% CI]",
