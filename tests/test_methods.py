@@ -332,3 +332,27 @@ def test_clip_adapter_run_writes_run_info(cache, tmp_path):
   assert 0.1 < info["train_images_per_s"] < 1e5
   assert info["peak_memory_kind"] in ("device", "host_rss")
   assert 10 * 2 ** 20 < info["peak_memory_bytes"] < 64 * 2 ** 30
+
+
+def test_finetune_run_predicts_with_its_tuned_blocks(cache, tmp_path):
+  """predict.load_model restores the fine-tuned tower blocks from the
+  checkpoint and takes the rest from the expert folders: its test-split
+  probabilities are the ones the run reported."""
+  # pylint: disable=g-import-not-at-top
+  from medbridge_jax import evaluate
+  from medbridge_jax import predict
+  from medbridge_jax import train
+  from medbridge_jax.data import resolve
+  # pylint: enable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  c = tiny_run.tiny_config(**{"method.name": "finetune",
+                              "method.finetune_last": 1, "train.lr": 1e-2})
+  train.train_and_evaluate(c, workdir)
+  loaded = predict.load_model(predict.open_run(workdir), "best")
+  test = resolve.resolve(c).test
+  probs, seen = evaluate.predict(loaded.fn, test, int(c.eval.batch_size),
+                                 loaded.mesh, c.data)
+  assert seen.all()
+  saved = np.load(os.path.join(workdir, "predictions_test.npz"))
+  np.testing.assert_allclose(probs, saved["probs"], atol=1e-6, rtol=0)
+  assert run_info.read(workdir)["method"] == "finetune"
