@@ -215,8 +215,8 @@ def global_features(expert, x):
   side = int(expert.image_size)
   v = jax.image.resize(jnp.asarray(x, jnp.float32) / 255.0,
                        (x.shape[0], side, side), "linear", antialias=True)
-  return np.asarray(expert.image_features(expert.normalize_pixels(v[..., None])),
-                    np.float64)
+  pixels = expert.normalize_pixels(v[..., None])
+  return np.asarray(expert.image_features(pixels), np.float64)
 
 
 def zero_shot_logits(expert, embeddings, x):
@@ -316,7 +316,8 @@ def test_clip_adapter_run_writes_run_info(cache, tmp_path):
   # The counts, from the config alone: per expert a head (P x L + L) and
   # the adapter (P x P/4 twice), the gate (linear over both widths);
   # frozen: the two towers as loaded.
-  from medbridge_jax.experts import from_config  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from medbridge_jax.experts import from_config
   loaded = from_config.load(c)
   n_labels = len(record["auroc"])
   widths = [e.vision.config.projection_dim or e.vision.config.hidden_size
