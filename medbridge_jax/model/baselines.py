@@ -57,24 +57,9 @@ NAMES = ("linear_probe", "clip_adapter", "vpt_shallow", "vpt_deep", "lora",
          "coop", "finetune")
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodSettings:
-  """`config.method`, frozen (a hashable linen attribute)."""
-  name: str
-  adapter_reduction: int = 4
-  adapter_ratio: float = 0.2
-  vpt_prompts: int = 8
-  lora_rank: int = 4
-  lora_alpha: float = 8.0
-  lora_targets: Tuple[str, ...] = ("query", "value")
-  coop_class_specific: bool = False
-  finetune_last: int = 2
-
-  @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict) -> "MethodSettings":
-    fields = {f.name: m[f.name] for f in dataclasses.fields(cls)}
-    fields["lora_targets"] = tuple(fields["lora_targets"])
-    return cls(**fields)
+# `config.method`, frozen: hashable (a linen attribute, static under jit),
+# its keys and defaults declared once, in default_config.py.
+MethodSettings = ml_collections.FrozenConfigDict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +167,9 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
   from medbridge_jax import config_check  # pylint: disable=g-import-not-at-top
   medbridge.check_nonempty(experts, labels)
   config_check.check_method(config.method)
-  method = MethodSettings.from_config(config.method)
+  # A copy: a FrozenConfigDict made from a ConfigDict would keep the live,
+  # mutable original.
+  method = MethodSettings(config.method.to_dict())
   if method.name not in NAMES:
     raise UserError(f"config.method.name={method.name!r} is not a baseline "
                     f"(one of {NAMES})")
