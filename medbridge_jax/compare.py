@@ -34,9 +34,6 @@ Default workdir: ./workdir/compare_<config name>[_<variant>].
 import os
 import sys
 
-# TensorFlow (imported by clu's writers) would print C++ INFO lines.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 from absl import app
 from absl import flags
 from absl import logging

@@ -1,7 +1,8 @@
-"""Reading a JSON object a user or an earlier run wrote."""
+"""Reading a JSON object a user or an earlier run wrote, and writing one."""
 
 import json
 import os
+from typing import Any
 
 from medbridge_jax import errors
 
@@ -19,3 +20,11 @@ def read(path: str, what: str) -> dict:
   if not isinstance(body, dict):
     raise errors.UserError(f"{what} {path} does not hold a JSON object")
   return body
+
+
+def write(path: str, body: Any, indent: int = 2) -> None:
+  """`body` as JSON at `path`, replaced whole: a reader never sees half."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(body, f, indent=indent)
+  os.replace(tmp, path)

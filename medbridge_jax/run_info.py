@@ -13,7 +13,6 @@ Written by the lead process when training ends:
        maximum resident set, where the backend reports no device memory)}
 """
 
-import json
 import os
 import resource
 import sys
@@ -101,16 +100,8 @@ def write(workdir: str, method: str, counts: dict,
                                  else float(images_per_s)),
           "peak_memory_bytes": peak, "peak_memory_kind": kind}
   path = os.path.join(workdir, FILE)
-  _write_json(path, body)
+  jsonfile.write(path, body)
   return path
-
-
-def _write_json(path: str, body: dict) -> None:
-  """Writes `body` to `path` atomically (a reader never sees half)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(body, f, indent=2)
-  os.replace(tmp, path)
 
 
 def read(workdir: str) -> dict:

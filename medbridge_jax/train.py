@@ -46,7 +46,6 @@ from medbridge_jax import config_check
 from medbridge_jax import errors
 from medbridge_jax import evaluate
 from medbridge_jax.experts import from_config
-from medbridge_jax import jsonfile
 from medbridge_jax import methods
 from medbridge_jax import metrics
 from medbridge_jax import optim

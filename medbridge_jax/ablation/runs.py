@@ -16,8 +16,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from medbridge_jax.ablation import tables
 from medbridge_jax import errors
+from medbridge_jax import jsonfile
 from medbridge_jax import report
 from medbridge_jax import train
 
@@ -62,18 +62,17 @@ def run_one(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   done = os.path.join(run_dir, RESULT_FILE)
   if os.path.isfile(done) and os.path.isfile(
       os.path.join(run_dir, PREDICTIONS_FILE)):
-    with open(done) as f:
-      info = json.load(f)
-    logging.info("Ablation: %s finished before; reused.", run_dir)
+    info = jsonfile.read(done, "finished sub-run record")
+    logging.info("%s finished before; reused.", run_dir)
     return dict(info, run_dir=run_dir, reused=True)
-  logging.info("Ablation: training in %s.", run_dir)
+  logging.info("Training in %s.", run_dir)
   start = time.monotonic()
   record = train.train_and_evaluate(config, run_dir)
   if record.get("stopped"):
     return dict(run_dir=run_dir, stopped=record["stopped"])
   info = dict(test_set=record["set"], wall_s=round(time.monotonic() - start,
                                                    1))
-  tables.write_json(done, info)
+  jsonfile.write(done, info, indent=1)
   return dict(info, run_dir=run_dir, reused=False)
 
 
@@ -83,14 +82,13 @@ def _claim(run_dir: str, wanted: dict) -> None:
   os.makedirs(run_dir, exist_ok=True)
   request = os.path.join(run_dir, REQUEST_FILE)
   if not os.path.isfile(request):
-    tables.write_json(request, wanted)
+    jsonfile.write(request, wanted, indent=1)
     return
-  with open(request) as f:
-    asked = json.load(f)
+  asked = jsonfile.read(request, "sub-run config record")
   diff = _first_difference(asked, wanted)
   if diff:
     raise errors.UserError(
-        f"ablation sub-run {run_dir} was made with another config ({diff});"
+        f"sub-run {run_dir} was made with another config ({diff});"
         f" use another --workdir")
 
 
@@ -125,11 +123,13 @@ class RunResult:
   wall_s: Optional[float] = None
 
 
-def read_run(run_dir: str, test_set: str) -> RunResult:
+def read_run(run_dir: str, test_set: str,
+             predictions_file: str = PREDICTIONS_FILE) -> RunResult:
   """The last final record of `test_set` in run_dir/metrics.jsonl and the
-  arrays of run_dir/predictions_test.npz."""
+  arrays of run_dir/`predictions_file` (predictions_test.npz: the main test
+  split's; an extra test set's is predictions_<report.slug(set)>.npz)."""
   record = _final_record(run_dir, test_set)
-  with np.load(os.path.join(run_dir, PREDICTIONS_FILE)) as z:
+  with np.load(os.path.join(run_dir, predictions_file)) as z:
     arrays = {k: z[k] for k in z.files}
   patients = arrays["patients"]
   if patients.ndim != 1 or len(patients) != len(arrays["probs"]):
@@ -138,7 +138,7 @@ def read_run(run_dir: str, test_set: str) -> RunResult:
   if (arrays["probs"].shape[1:] != (len(names),)
       or sorted(names) != sorted(record["auroc"])):
     raise errors.UserError(
-        f"{run_dir}/{PREDICTIONS_FILE} holds {arrays['probs'].shape[1:]} "
+        f"{run_dir}/{predictions_file} holds {arrays['probs'].shape[1:]} "
         f"columns for the labels {', '.join(record['auroc'])} of its test "
         "record")
   return RunResult(run_dir, record, names, arrays["probs"],
@@ -166,5 +166,5 @@ def _label_names(run_dir: str, arrays: dict) -> list[str]:
   if not os.path.isfile(path):
     raise errors.UserError(f"{run_dir} has no thresholds.json: cannot tell "
                            f"the label order of {PREDICTIONS_FILE}")
-  with open(path) as f:
-    return list(json.load(f)["thresholds"])
+  return list(report.thresholds_table(
+      jsonfile.read(path, "thresholds file"), path))

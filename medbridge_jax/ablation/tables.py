@@ -1,22 +1,16 @@
 """The results as files: JSON (everything) and markdown tables."""
 
-import json
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-
-def write_json(path: str, data) -> None:
-  """`data` as indented JSON at `path`, replaced whole (no half file)."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(path + ".tmp", path)
+from medbridge_jax import jsonfile
 
 
 def write_result(workdir: str, stem: str, result: dict) -> None:
   """workdir/<stem>.json (everything) and <stem>.md (its markdown)."""
-  write_json(os.path.join(workdir, f"{stem}.json"), result)
+  jsonfile.write(os.path.join(workdir, f"{stem}.json"), result, indent=1)
   with open(os.path.join(workdir, f"{stem}.md"), "w") as f:
     f.write(result["markdown"])
 
@@ -25,22 +19,22 @@ def write_result(workdir: str, stem: str, result: dict) -> None:
 # Cells and lines.
 
 
-def _num(x, sign: bool = False) -> str:
+def num(x, sign: bool = False) -> str:
   if x is None or not np.isfinite(x):
     return "n/a"
   return f"{x:+.3f}" if sign else f"{x:.3f}"
 
 
-def _pm(s: dict, sign: bool = False) -> str:
+def pm(s: dict, sign: bool = False) -> str:
   """"mean ± sd" of a `spread` dict."""
   if s.get("mean") is None:
     return "n/a"
   if s.get("sd") is None:
-    return _num(s["mean"], sign)
-  return f"{_num(s['mean'], sign)} ± {s['sd']:.3f}"
+    return num(s["mean"], sign)
+  return f"{num(s['mean'], sign)} ± {s['sd']:.3f}"
 
 
-def _diff(d: Optional[dict], label: Optional[str] = None) -> str:
+def diff(d: Optional[dict], label: Optional[str] = None) -> str:
   """"+0.012 [-0.004, +0.030]" of a paired difference (mean or a label)."""
   if d is None:
     return "n/a"
@@ -50,8 +44,8 @@ def _diff(d: Optional[dict], label: Optional[str] = None) -> str:
     value, (lo, hi) = (d["labels"][label]["difference"],
                        d["labels"][label]["interval"])
   if lo is None or hi is None:
-    return _num(value, True)
-  return f"{_num(value, True)} [{_num(lo, True)}, {_num(hi, True)}]"
+    return num(value, True)
+  return f"{num(value, True)} [{num(lo, True)}, {num(hi, True)}]"
 
 
 def _seconds(values) -> str:
@@ -59,16 +53,16 @@ def _seconds(values) -> str:
   return f"{np.mean(v):.0f}" if v else ""
 
 
-def _row(cells: Sequence[str]) -> str:
+def row(cells: Sequence[str]) -> str:
   return "| " + " | ".join(cells) + " |"
 
 
-def _head(cells: Sequence[str]) -> list[str]:
+def head(cells: Sequence[str]) -> list[str]:
   """A table's header line and its rule."""
-  return [_row(cells), "|" + "---|" * len(cells)]
+  return [row(cells), "|" + "---|" * len(cells)]
 
 
-def _facts(c: dict, run_seeds: Sequence[int], test_set: str,
+def facts(c: dict, run_seeds: Sequence[int], test_set: str,
            selected_on: Optional[str]) -> str:
   return (f"Each run: {c['train']['steps']} steps of batch "
           f"{c['train']['batch_size']}, checkpoint selected on "
@@ -79,7 +73,7 @@ def _facts(c: dict, run_seeds: Sequence[int], test_set: str,
           f"experts and the data are the same for every seed).")
 
 
-def _stopped(result: dict) -> list[str]:
+def stopped(result: dict) -> list[str]:
   if not result.get("stopped"):
     return []
   return ["", f"Stopped (SIGTERM) in {result['stopped']}; rerun the same "
@@ -97,7 +91,7 @@ def markdown(result: dict) -> str:
     return "No finished ablation runs.\n"
   out = (_grid_intro(result) + _grid_means(result)
          + _grid_differences(result) + _grid_labels(result)
-         + _stopped(result))
+         + stopped(result))
   return "\n".join(out) + "\n"
 
 
@@ -105,7 +99,7 @@ def _grid_intro(result: dict) -> list[str]:
   groups, run_seeds = result["groups"], result["seeds"]
   return [
       "# MedBridge ablation", "",
-      _facts(result["config"], run_seeds, result["test_set"],
+      facts(result["config"], run_seeds, result["test_set"],
              result["selected_on"]),
       f"Global findings: {', '.join(groups['global']) or 'none'}; focal "
       f"findings: {', '.join(groups['focal']) or 'none'}; a group's AUROC "
@@ -115,15 +109,15 @@ def _grid_intro(result: dict) -> list[str]:
 
 
 def _grid_means(result: dict) -> list[str]:
-  out = _head(["Variant", "What changes", "Mean AUROC", "Global findings",
+  out = head(["Variant", "What changes", "Mean AUROC", "Global findings",
                "Focal findings", "Train+eval (s)"])
   for r in result["rows"]:
-    out.append(_row([r["variant"], r["description"], _pm(r["mean_auroc"]),
-                     _pm(r["global_auroc"]), _pm(r["focal_auroc"]),
+    out.append(row([r["variant"], r["description"], pm(r["mean_auroc"]),
+                     pm(r["global_auroc"]), pm(r["focal_auroc"]),
                      _seconds(r["wall_s"])]))
   for r in result["zero_shot"]:
-    out.append(_row([r["variant"], r["description"], _num(r["mean_auroc"]),
-                     _num(r["global_auroc"]), _num(r["focal_auroc"]), ""]))
+    out.append(row([r["variant"], r["description"], num(r["mean_auroc"]),
+                     num(r["global_auroc"]), num(r["focal_auroc"]), ""]))
   return out
 
 
@@ -137,11 +131,11 @@ def _grid_differences(result: dict) -> list[str]:
          f"({c['eval']['bootstrap']} resamples); mean over "
          f"{', '.join(c['eval']['mean_labels']) or 'all labels'}, and "
          f"over the focal findings:", ""]
-  out += _head(["Variant", "Δ"] + [f"seed {s}" for s in result["seeds"]])
+  out += head(["Variant", "Δ"] + [f"seed {s}" for s in result["seeds"]])
   for r in compared:
     for what in ("mean", "focal"):
-      out.append(_row([r["variant"], what] + [
-          _diff(v[what]) for v in r["vs_reference"]]))
+      out.append(row([r["variant"], what] + [
+          diff(v[what]) for v in r["vs_reference"]]))
   return out
 
 
@@ -149,12 +143,12 @@ def _grid_labels(result: dict) -> list[str]:
   rows = result["rows"]
   labels = list(rows[0]["auroc"])
   out = ["", "Per-label test AUROC (mean ± SD over seeds):", ""]
-  out += _head(["Variant"] + labels)
+  out += head(["Variant"] + labels)
   for r in rows:
-    out.append(_row([r["variant"]] + [_pm(r["auroc"][n]) for n in labels]))
+    out.append(row([r["variant"]] + [pm(r["auroc"][n]) for n in labels]))
   for r in result["zero_shot"]:
-    out.append(_row([r["variant"]]
-                    + [_num(r["auroc"].get(n)) for n in labels]))
+    out.append(row([r["variant"]]
+                    + [num(r["auroc"].get(n)) for n in labels]))
   return out
 
 
@@ -167,7 +161,7 @@ def dose_markdown(result: dict) -> str:
   if not result["levels"]:
     return "No finished dose-response runs.\n"
   out = (_dose_intro(result) + _dose_means(result) + _dose_per_seed(result)
-         + _stopped(result))
+         + stopped(result))
   return "\n".join(out) + "\n"
 
 
@@ -176,7 +170,7 @@ def _dose_intro(result: dict) -> list[str]:
   focal = result["levels"][0]["focal_labels"]
   return [
       "# Focal gain against the findings' size and contrast", "",
-      _facts(c, result["seeds"], "the test split", None),
+      facts(c, result["seeds"], "the test split", None),
       "Each level draws the focal findings (" + ", ".join(focal) + ") with "
       "data.synthetic.focal_scale times their size (nodule radius, pleural "
       "line width) and focal_contrast times their contrast. Gain: full's "
@@ -192,13 +186,13 @@ def _level(lv: dict) -> list[str]:
 def _dose_means(result: dict) -> list[str]:
   levels = result["levels"]
   focal = levels[0]["focal_labels"]
-  out = _head(["focal_scale", "focal_contrast", "Focal gain"]
+  out = head(["focal_scale", "focal_contrast", "Focal gain"]
               + [f"{n} gain" for n in focal]
               + ["full focal AUROC", "global_only focal AUROC"])
   for lv in levels:
-    out.append(_row(_level(lv) + [_pm(lv["gain"], True)]
-                    + [_pm(lv["label_gain"][n], True) for n in focal]
-                    + [_pm(lv["full_focal"]), _pm(lv["global_only_focal"])]))
+    out.append(row(_level(lv) + [pm(lv["gain"], True)]
+                    + [pm(lv["label_gain"][n], True) for n in focal]
+                    + [pm(lv["full_focal"]), pm(lv["global_only_focal"])]))
   return out
 
 
@@ -206,10 +200,10 @@ def _dose_per_seed(result: dict) -> list[str]:
   levels = result["levels"]
   focal = levels[0]["focal_labels"]
   out = ["", "Per seed:", ""]
-  out += _head(["focal_scale", "focal_contrast", "seed", "Focal gain"]
+  out += head(["focal_scale", "focal_contrast", "seed", "Focal gain"]
                + [f"{n} gain" for n in focal])
   for lv in levels:
     for p in lv["per_seed"]:
-      out.append(_row(_level(lv) + [str(p["seed"]), _diff(p["gain"])]
-                      + [_diff(p["gain"], n) for n in focal]))
+      out.append(row(_level(lv) + [str(p["seed"]), diff(p["gain"])]
+                      + [diff(p["gain"], n) for n in focal]))
   return out

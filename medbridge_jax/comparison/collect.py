@@ -10,7 +10,6 @@ import os
 from typing import Optional, Sequence
 
 import ml_collections
-import numpy as np
 
 from medbridge_jax.ablation import grid
 from medbridge_jax.ablation import numbers
@@ -59,25 +58,9 @@ def read_sets(run_dir: str, test_set: str) -> dict[str, runs.RunResult]:
   out = {test_set: runs.read_run(run_dir, test_set)}
   for r in report.read_jsonl(run_dir):
     if r.get("final") and r.get("set") not in out:
-      out[r["set"]] = _read_extra(run_dir, r["set"])
+      out[r["set"]] = runs.read_run(
+          run_dir, r["set"], f"predictions_{report.slug(r['set'])}.npz")
   return out
-
-
-def _read_extra(run_dir: str, set_name: str) -> runs.RunResult:
-  """`runs.read_run` for an extra test set: its final record and
-  predictions_<slug>.npz (the main split's file is predictions_test.npz)."""
-  path = os.path.join(run_dir, f"predictions_{report.slug(set_name)}.npz")
-  with np.load(path) as z:
-    arrays = {k: z[k] for k in z.files}
-  patients = arrays["patients"]
-  # pylint: disable=protected-access
-  record = runs._final_record(run_dir, set_name)
-  label_names = runs._label_names(run_dir, arrays)
-  # pylint: enable=protected-access
-  return runs.RunResult(
-      run_dir, record, label_names, arrays["probs"], arrays["targets"],
-      arrays["mask"], patients if patients.ndim == 1 and len(patients) ==
-      len(arrays["probs"]) else None)
 
 
 def set_numbers(config: ml_collections.ConfigDict, set_name: str,

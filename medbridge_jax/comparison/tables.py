@@ -4,13 +4,7 @@ first, with the methods' costs beside their main-split numbers."""
 from typing import Optional
 
 # The ablation's cells and lines: one format for both experiments' tables.
-# pylint: disable=protected-access
-from medbridge_jax.ablation import tables as ablation_tables
-
-_num, _pm, _diff = (ablation_tables._num, ablation_tables._pm,
-                    ablation_tables._diff)
-_row, _head = ablation_tables._row, ablation_tables._head
-# pylint: enable=protected-access
+from medbridge_jax.ablation import tables as fmt
 
 MEMORY_KINDS = {"device": "device", "host_rss": "host RSS"}
 
@@ -23,13 +17,13 @@ def markdown(result: dict) -> str:
   out = _intro(result)
   for k, numbers in enumerate(result["sets"]):
     out += _section(result, numbers, main=k == 0)
-  out += ablation_tables._stopped(result)  # pylint: disable=protected-access
+  out += fmt.stopped(result)
   return "\n".join(out) + "\n"
 
 
 def _intro(result: dict) -> list[str]:
   c, main = result["config"], result["sets"][0]
-  facts = ablation_tables._facts(  # pylint: disable=protected-access
+  facts = fmt.facts(
       c, result["seeds"], main["set"], main["selected_on"])
   out = ["# MedBridge against VLM adaptation methods", "",
          f"Machine: {result['machine']['line']}. Date: {result['date']}. "
@@ -55,24 +49,24 @@ def _section(result: dict, numbers: dict, main: bool) -> list[str]:
          f"interval "
          f"({c['eval']['bootstrap']} resamples each).", ""]
   cost_of = {(x["method"], x["seed"]): x for x in result["costs"]}
-  head = ["Method", "Seed", "Mean AUROC [95% CI]",
+  columns = ["Method", "Seed", "Mean AUROC [95% CI]",
           f"Δ vs {ref} [paired 95% CI]"]
   if main:
-    head += ["Trainable params", "Frozen params", "Train images/s",
+    columns += ["Trainable params", "Frozen params", "Train images/s",
              "Peak memory"]
-  out += _head(head)
+  out += fmt.head(columns)
   for r in numbers["rows"]:
     cells = [r["method"], str(r["seed"]), _with_ci(r["mean_auroc"],
                                                    r["mean_auroc_ci"]),
-             _diff(r["vs_reference"]) if r["vs_reference"] else
+             fmt.diff(r["vs_reference"]) if r["vs_reference"] else
              ("reference" if r["method"] == ref else "n/a")]
     if main:
       cells += _costs(cost_of.get((r["method"], r["seed"]), {}))
-    out.append(_row(cells))
+    out.append(fmt.row(cells))
   for z in numbers["zero_shot"]:
     cells = [z["variant"], "", _with_ci(z["mean_auroc"],
                                         z.get("mean_auroc_ci")), ""]
-    out.append(_row(cells + (["0", "", "", ""] if main else [])))
+    out.append(fmt.row(cells + (["0", "", "", ""] if main else [])))
   if len(result["seeds"]) > 1:
     out += _over_seeds(numbers, ref)
   return out + _labels(numbers, len(result["seeds"]))
@@ -80,11 +74,11 @@ def _section(result: dict, numbers: dict, main: bool) -> list[str]:
 
 def _over_seeds(numbers: dict, ref: str) -> list[str]:
   out = ["", "Over the seeds (mean ± SD):", ""]
-  out += _head(["Method", "Mean AUROC", f"Δ vs {ref}"])
+  out += fmt.head(["Method", "Mean AUROC", f"Δ vs {ref}"])
   for s in numbers["over_seeds"]:
-    out.append(_row([s["method"], _pm(s["mean_auroc"]),
-                     _pm(s["difference"], True) if s["difference"]["n"]
-                     else ""]))
+    out.append(fmt.row([
+        s["method"], fmt.pm(s["mean_auroc"]),
+        fmt.pm(s["difference"], True) if s["difference"]["n"] else ""]))
   return out
 
 
@@ -92,20 +86,22 @@ def _labels(numbers: dict, num_seeds: int) -> list[str]:
   labels = numbers["label_names"]
   over = " (mean ± SD over seeds)" if num_seeds > 1 else ""
   out = ["", f"Per-label AUROC{over}:", ""]
-  out += _head(["Method"] + labels)
+  out += fmt.head(["Method"] + labels)
   for s in numbers["over_seeds"]:
-    out.append(_row([s["method"]] + [_pm(s["auroc"][n]) for n in labels]))
+    out.append(fmt.row([s["method"]]
+                         + [fmt.pm(s["auroc"][n]) for n in labels]))
   for z in numbers["zero_shot"]:
-    out.append(_row([z["variant"]]
-                    + [_num(z["auroc"].get(n)) for n in labels]))
+    out.append(fmt.row([z["variant"]]
+                         + [fmt.num(z["auroc"].get(n)) for n in labels]))
   return out
 
 
 def _with_ci(value: Optional[float], ci) -> str:
   """"0.812 [0.790, 0.835]", or the value alone without an interval."""
   if not ci or any(v is None for v in ci):
-    return _num(value)
-  return f"{_num(value)} [{_num(ci[0])}, {_num(ci[1])}]"
+    return fmt.num(value)
+  return (f"{fmt.num(value)} [{fmt.num(ci[0])}, "
+          f"{fmt.num(ci[1])}]")
 
 
 def _costs(x: dict) -> list[str]:

@@ -320,6 +320,9 @@ def preprocessor_config(family: str, image: int) -> dict:
 
 
 def _write_json(file: str, data):
+  # Sorted keys and a final newline, as transformers writes its files and
+  # as the shipped test-bed folders hold them: regenerating must give the
+  # same bytes.
   with open(file, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=2, sort_keys=True)
     f.write("\n")
