@@ -21,13 +21,11 @@ import pytest
 from medbridge_jax import config_check
 from medbridge_jax import default_config
 from medbridge_jax import errors
-from medbridge_jax import experts as experts_lib
 from medbridge_jax import methods
 from medbridge_jax import optim
 from medbridge_jax import run_info
 from medbridge_jax import sharding
 from medbridge_jax import train_step
-from medbridge_jax.experts import random_experts
 from medbridge_jax.experts import zero_shot
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import partition
@@ -51,12 +49,7 @@ def config(method, **knobs):
 
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
-  root = tmp_path_factory.mktemp("experts")
-  out = []
-  for i, spec in enumerate(SPECS):
-    random_experts.write(str(root / f"e{i}"), spec, seed=i)
-    out.append(experts_lib.load(str(root / f"e{i}")))
-  return out
+  return tiny_run.random_experts_in(tmp_path_factory.mktemp("experts"), SPECS)
 
 
 @pytest.fixture(scope="module")

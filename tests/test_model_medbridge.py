@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 
 from medbridge_jax import default_config
-from medbridge_jax import experts as experts_lib
 from medbridge_jax.errors import UserError
-from medbridge_jax.experts import random_experts
 from medbridge_jax.experts import zero_shot
 from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import medbridge
 from medbridge_jax.model import partition
 from medbridge_jax.model import query_encoder
+from tests import tiny_run
 
 LABELS = ("effusion", "nodule", "pneumothorax")
 SIDE = 64  # Stored image side.
@@ -33,12 +32,7 @@ SPECS = ("clip:width=32,layers=2,heads=2,patch=8,image=32,text_layers=1",
 
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
-  root = tmp_path_factory.mktemp("experts")
-  out = []
-  for i, spec in enumerate(SPECS):
-    random_experts.write(str(root / f"e{i}"), spec, seed=i)
-    out.append(experts_lib.load(str(root / f"e{i}")))
-  return out
+  return tiny_run.random_experts_in(tmp_path_factory.mktemp("experts"), SPECS)
 
 
 @pytest.fixture(scope="module")

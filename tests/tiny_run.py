@@ -14,6 +14,8 @@ import shutil
 import numpy as np
 
 from configs import in_domain
+from medbridge_jax import experts
+from medbridge_jax.experts import random_experts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,3 +80,13 @@ def edited_expert(folder: str, keep_dir: str):
     yield
   finally:
     shutil.copy(kept, file)
+
+
+def random_experts_in(root, specs):
+  """Writes test-bed experts `specs` (seed = position) under `root` and
+  loads them."""
+  out = []
+  for i, spec in enumerate(specs):
+    random_experts.write(os.path.join(str(root), f"e{i}"), spec, seed=i)
+    out.append(experts.load(os.path.join(str(root), f"e{i}")))
+  return out

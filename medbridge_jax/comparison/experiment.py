@@ -9,9 +9,9 @@ from medbridge_jax.ablation import runs
 from medbridge_jax.ablation import tables as ablation_tables
 from medbridge_jax.comparison import collect
 from medbridge_jax.comparison import isolated
-from medbridge_jax.comparison import machine
 from medbridge_jax.comparison import plan
 from medbridge_jax.comparison import tables
+from medbridge_jax import machine
 from medbridge_jax import train
 
 STEM = "compare"  # workdir/compare.md and compare.json.

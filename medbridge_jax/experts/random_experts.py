@@ -39,6 +39,7 @@ import jaxlib
 import numpy as np
 from safetensors.numpy import save_file
 
+from medbridge_jax import machine
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import hf_names
 from medbridge_jax.experts import loader
@@ -354,21 +355,9 @@ def pretraining_record(spec: str, seed: int) -> dict:
           **pretrain.recipe(v["pretrain_shapes"])}
 
 
-def _cpu_model() -> str:
-  """The CPU's model name: XLA's CPU code (so the weights) depends on it."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def _made_by() -> dict:
   return {"platform": f"{jax.default_backend()} "
-                      f"({jax.devices()[0].device_kind}), {_cpu_model()}, "
+                      f"({jax.devices()[0].device_kind}), {machine.cpu_model()}, "
                       f"{platform.machine()} {platform.system()}",
           "jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "date": datetime.date.today().isoformat()}

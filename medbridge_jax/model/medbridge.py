@@ -346,23 +346,24 @@ def _shape(x) -> Tuple[int, ...]:
   return tuple(getattr(x, "shape", np.shape(x)))
 
 
-def _check_loaded(model_tree: Any, loaded: Any, expert: Any,
-                  what: str) -> dict:
+def check_loaded(model_tree: Any, loaded: Any, what: str,
+                 prefix: str = "") -> dict:
   """`loaded` as float32, after checking it against the model's subtree
   (arrays or ShapeDtypeStructs): every path and shape must match; the first
-  difference is an error naming it (`what`: "tower" or "text tower")."""
+  difference is an error naming it (`what`: e.g. "tower"; `prefix` starts
+  the message, e.g. "expert clip-vit: ")."""
   want = traverse_util.flatten_dict(dict(model_tree), sep="/")
   have = traverse_util.flatten_dict(dict(loaded), sep="/")
   for path in sorted(set(want) | set(have)):
     if path not in have:
-      raise UserError(f"expert {expert.name}: {what} parameter {path!r} "
-                      f"missing from the loaded weights")
+      raise UserError(f"{prefix}{what} parameter {path!r} missing from the "
+                      f"loaded weights")
     if path not in want:
-      raise UserError(f"expert {expert.name}: loaded parameter {path!r} is "
-                      f"not in the model's {what}")
+      raise UserError(f"{prefix}loaded parameter {path!r} is not in the "
+                      f"model's {what}")
     if _shape(have[path]) != _shape(want[path]):
-      raise UserError(f"expert {expert.name}: {what} parameter {path!r} has "
-                      f"shape {_shape(have[path])}, the model expects "
+      raise UserError(f"{prefix}{what} parameter {path!r} has shape "
+                      f"{_shape(have[path])}, the model expects "
                       f"{_shape(want[path])}")
   return traverse_util.unflatten_dict(
       {p: jnp.asarray(v, jnp.float32) for p, v in have.items()}, sep="/")
@@ -372,7 +373,8 @@ def check_tower(model_tower: Any, expert: Any) -> dict:
   """The expert's vision params as float32, after checking them against the
   model's tower subtree (arrays or ShapeDtypeStructs): every path and shape
   must match; the first difference is an error naming it."""
-  return _check_loaded(model_tower, expert.params["vision"], expert, "tower")
+  return check_loaded(model_tower, expert.params["vision"], "tower",
+                      f"expert {expert.name}: ")
 
 
 # Subtrees of an expert's params that hold loaded weights, by module name:
@@ -387,7 +389,8 @@ def _loaded_subtrees(tree: Any, expert: Any) -> dict:
   for key, sub in tree.items():
     if key in LOADED:
       part, what = LOADED[key]
-      out[key] = _check_loaded(sub, expert.params[part], expert, what)
+      out[key] = check_loaded(sub, expert.params[part], what,
+                              f"expert {expert.name}: ")
     elif hasattr(sub, "items"):
       inner = _loaded_subtrees(sub, expert)
       if inner:

@@ -31,13 +31,13 @@ method's own params around them:
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
+from medbridge_jax.model import medbridge
 
 Array = jax.Array
 LORA_TARGETS = ("query", "key", "value", "out")
@@ -264,7 +264,8 @@ def init_params(module: nn.Module, key: Array, tower_params: Dict[str, Any],
   pixels = jnp.zeros((1, side, side, c.num_channels), jnp.float32)
   abstract = jax.eval_shape(
       lambda k: module.init({"params": k}, pixels)["params"], key)
-  _check_tower(abstract["tower"], tower_params)
+  tower_params = medbridge.check_loaded(abstract["tower"], tower_params,
+                                       "tower")
 
   def init(k, tower):
     _, new = module.apply({"params": {"tower": tower}}, pixels,
@@ -272,18 +273,3 @@ def init_params(module: nn.Module, key: Array, tower_params: Dict[str, Any],
     return new["params"]
 
   return jax.jit(init)(key, tower_params)
-
-
-def _check_tower(want: Dict[str, Any], have: Dict[str, Any]) -> None:
-  want = traverse_util.flatten_dict(dict(want), sep="/")
-  have = traverse_util.flatten_dict(dict(have), sep="/")
-  for path in sorted(set(want) | set(have)):
-    if path not in have:
-      raise UserError(f"tower parameter {path!r} missing from the loaded "
-                      f"weights")
-    if path not in want:
-      raise UserError(f"loaded parameter {path!r} is not in the tower")
-    if tuple(jnp.shape(have[path])) != tuple(want[path].shape):
-      raise UserError(f"tower parameter {path!r} has shape "
-                      f"{tuple(jnp.shape(have[path]))}, the tower expects "
-                      f"{tuple(want[path].shape)}")

@@ -1,11 +1,13 @@
-"""The machine and date a comparison names: where its costs were measured."""
+"""The machine a measurement was made on, and the date: comparisons name
+where their costs were measured, the test-bed experts where they were made
+(XLA's CPU code, and so the weights, depends on the CPU)."""
 
 import datetime
 import os
 import platform
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
   """The CPU's model name (Linux /proc/cpuinfo), else platform's guess."""
   try:
     with open("/proc/cpuinfo") as f:
@@ -24,7 +26,7 @@ def describe() -> dict:
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
   out = dict(platform=devices[0].platform, device_kind=", ".join(kinds),
-             device_count=len(devices), cpu=_cpu_model(),
+             device_count=len(devices), cpu=cpu_model(),
              cpu_count=os.cpu_count(),
              os=f"{platform.system()} {platform.machine()}")
   out["line"] = (f"{out['device_count']} JAX {out['platform']} device"
