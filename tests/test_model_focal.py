@@ -11,6 +11,12 @@ from medbridge_jax.errors import UserError
 from medbridge_jax.model import focal_sampling as fs
 
 
+
+def _random_corners(key, batch, num, height, width, crop):
+  """Top-left corners of random crops, as MedBridge places them."""
+  centres = fs.random_centres(key, batch, num, height, width, crop=crop)
+  return fs.corners_from_centres(centres, crop, height, width)
+
 def coordinate_image(batch, h, w):
   """Pixel value = row * w + col (+ image index * h * w): exact in float32."""
   base = np.arange(h * w, dtype=np.float32).reshape(h, w)
@@ -244,7 +250,7 @@ def test_random_centres_uniform_in_bounds_and_deterministic():
     counts = np.bincount(many[:, axis], minlength=16)
     assert len(counts) == 16 and counts.min() > 0.7 * len(many) / 16
   # Corners from them: in bounds, reaching both ends.
-  corners = np.asarray(fs.random_windows(key, 64, 64, 40, 40, 32))
+  corners = np.asarray(_random_corners(key, 64, 64, 40, 40, 32))
   assert set(np.unique(corners)) == set(range(9))
 
 
@@ -263,8 +269,7 @@ def test_centres_leave_room_for_the_largest_crop():
   np.testing.assert_array_equal(small, many - 8)  # No clamping needed.
   # Without room for the crop, a quarter of 32 px crops on a 64 px image
   # would sit at each border; with it, none more than 1/33 of them.
-  pinned = np.asarray(fs.random_windows(jax.random.key(6), 64, 64, 64, 64,
-                                        32))
+  pinned = np.asarray(_random_corners(jax.random.key(6), 64, 64, 64, 64, 32))
   assert (pinned == 0).mean() < 0.05 and (pinned == 32).mean() < 0.05
   lung = np.asarray(fs.random_centres(jax.random.key(7), 64, 16, 40, 40,
                                       lung_bias=1.0, crop=32))

@@ -137,15 +137,6 @@ def corners_from_centres(centres: Array, crop: int, height: int,
   return jnp.clip(jnp.asarray(centres, jnp.int32) - crop // 2, 0, limit)
 
 
-def random_windows(key: Array, batch: int, num: int, height: int, width: int,
-                   crop: int, lung_bias: float = 0.0) -> Array:
-  """(batch, num, 2) int32 random top-left corners (row, col) of crops:
-  `random_centres` placed with `corners_from_centres`."""
-  check_crop(height, width, crop)
-  centres = random_centres(key, batch, num, height, width, lung_bias, crop)
-  return corners_from_centres(centres, crop, height, width)
-
-
 def resize(images: Array, side: int, method: str = "linear") -> Array:
   """Resizes the last two axes of `images` to `side` x `side`.
 

@@ -14,7 +14,6 @@ import re
 from typing import Any, Dict, Sequence, Tuple
 
 from flax import traverse_util
-import jax
 import numpy as np
 
 from medbridge_jax.errors import UserError
@@ -107,8 +106,3 @@ def describe(params, rules: Rules = DEFAULT_RULES) -> str:
   share = 100 * n["train"] / total
   return (f"parameters: {n['train']:,} trainable ({share:.2f}%), "
           f"{n['frozen']:,} frozen")
-
-
-def tree_size(tree) -> int:
-  """Number of scalars in a pytree of arrays."""
-  return sum(_size(x) for x in jax.tree_util.tree_leaves(tree))
