@@ -112,11 +112,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   workdir = prepare_workdir(workdir)
   from_config.announce(config)
   tc = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(int(tc.batch_size), mesh, "config.train.batch_size",
-                            int(tc.grad_accum))
-  sharding.check_batch_size(int(config.eval.batch_size), mesh,
-                            "config.eval.batch_size")
+  mesh = _mesh(config)
   data = resolve.resolve(config)
   logging.info("Data: %d train / %d %s / %d %s images, %d labels.",
                len(data.train.index), len(data.valid.index), data.valid.name,
@@ -129,28 +125,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              for e in experts]
   model = methods.build(config, experts, data.label_names,
                         prompt_embeddings=prompts)
-  logging.info("Method: %s.", methods.describe(config))
-  if config.method.name == "medbridge":
-    logging.info("%s.", focal_sampling.summary(focal_sampling.describe(
-        int(config.data.image_size), [int(e.image_size) for e in experts],
-        config.model.focal)))
-
-  # Parameters laid out directly on the mesh (replicated: data parallel).
-  # The towers come from the loaded experts (checked against the model's
-  # shapes); only the method's own parameters are initialised.
+  _log_method(config, experts)
   replicated = sharding.replicated(mesh)
-  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
-  params = medbridge.init_params(model, init_key, experts,
-                                 int(config.data.image_size), replicated)
-  rules = methods.partition_rules(config, experts)
-  logging.info("%s.", partition.describe(params, rules))
-  param_counts = partition.count(params, rules)
-  trainable, frozen = partition.split(params, rules)
-  del params
-  tx = optim.make(tc)
-  state = train_state.create(trainable, tx, replicated)
-  abstract_state = train_state.abstract(trainable, tx, replicated)
-
+  frozen, state, abstract_state, param_counts = _parameters(
+      config, model, experts, replicated)
   weights = losses.class_weights_from_config(
       config.loss, data.train.targets, data.train.mask)
   weights = (None if weights is None
@@ -172,6 +150,46 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       eval_fn=evaluate.make_model_fn(model))
   _resume(run)
   return run
+
+
+def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The device mesh, after checking both batch sizes split over it."""
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(int(config.train.batch_size), mesh,
+                            "config.train.batch_size",
+                            int(config.train.grad_accum))
+  sharding.check_batch_size(int(config.eval.batch_size), mesh,
+                            "config.eval.batch_size")
+  return mesh
+
+
+def _log_method(config: ml_collections.ConfigDict, experts) -> None:
+  logging.info("Method: %s.", methods.describe(config))
+  if config.method.name == "medbridge":
+    logging.info("%s.", focal_sampling.summary(focal_sampling.describe(
+        int(config.data.image_size), [int(e.image_size) for e in experts],
+        config.model.focal)))
+
+
+def _parameters(config: ml_collections.ConfigDict, model, experts,
+                replicated) -> tuple[dict, dict, dict, dict]:
+  """(frozen params, train state, its abstract twin, parameter counts).
+
+  Laid out directly on the mesh (replicated: data parallel). The towers
+  come from the loaded experts (checked against the model's shapes); only
+  the method's own parameters are initialised.
+  """
+  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
+  params = medbridge.init_params(model, init_key, experts,
+                                 int(config.data.image_size), replicated)
+  rules = methods.partition_rules(config, experts)
+  logging.info("%s.", partition.describe(params, rules))
+  counts = partition.count(params, rules)
+  trainable, frozen = partition.split(params, rules)
+  del params
+  tx = optim.make(config.train)
+  return (frozen, train_state.create(trainable, tx, replicated),
+          train_state.abstract(trainable, tx, replicated), counts)
 
 
 def _resume(run: Run) -> None:
@@ -326,13 +344,7 @@ def train(run: Run) -> bool:
   early by SIGTERM (after saving)."""
   tc = run.config.train
   total = int(tc.steps)
-  replicated = sharding.replicated(run.mesh)
-  step_fn = jax.jit(
-      train_step_lib.make_train_step(run.model, optim.make(tc),
-                                     optim.schedule(tc), run.config, run.mesh),
-      donate_argnums=(0,),
-      out_shardings=(jax.tree.map(lambda _: replicated, run.abstract_state),
-                     replicated))
+  step_fn = _jitted_step(run)
   progress = periodic_actions.ReportProgress(
       num_train_steps=total, writer=run.writer,
       every_steps=int(tc.log_every) or None, every_secs=None)
@@ -351,30 +363,8 @@ def train(run: Run) -> bool:
         progress(step)
         if bar is not None:
           bar.update(1)
-        # The last step is always evaluated: its checkpoint, like every
-        # evaluated one, carries its own thresholds.
-        eval_due = _is_due(step, int(tc.eval_every)) or step == total
         stop = sigterm.stop_after(step, tc)
-        save_due = _is_due(step, int(tc.checkpoint_every)) or stop
-        if eval_due or save_due or _is_due(step, int(tc.log_every)):
-          watch.flush()  # Waits for the step: the pause below is not it.
-        if eval_due or save_due:
-          speed.pause()
-        if _is_due(step, int(tc.log_every)):
-          run.writer.write_scalars(step, {
-              f"train/{k}": v for k, v in watch.mean_and_reset().items()})
-        elif int(tc.log_every) <= 0:
-          watch.mean_and_reset()  # No logs: keep nothing.
-        result = (_evaluate(run, run.state["params"], run.data.valid, step,
-                            "valid") if eval_due else None)
-        if result is not None and run.lead:
-          report.append_jsonl(run.workdir, evaluate.record(
-              step, run.data.valid.name, result.summary))
-        if save_due or result is not None:
-          if run.ckpt.save(step, run.state, _meta(run, result),
-                           metric=_metric(result), force=stop):
-            watch.last_saved = step
-        speed.resume()
+        _log_evaluate_save(run, step, watch, speed, stop)
         if stop and step < total:
           logging.info("SIGTERM: saved step %d and stopped; rerun the same "
                        "command to resume.", watch.last_saved)
@@ -391,6 +381,50 @@ def train(run: Run) -> bool:
     run_info.write(run.workdir, str(run.config.method.name),
                    run.param_counts, speed.images_per_s())
   return True
+
+
+def _jitted_step(run: Run):
+  """The jitted train step; the state is donated, and comes back laid out
+  as it went in (replicated)."""
+  tc = run.config.train
+  replicated = sharding.replicated(run.mesh)
+  return jax.jit(
+      train_step_lib.make_train_step(run.model, optim.make(tc),
+                                     optim.schedule(tc), run.config, run.mesh),
+      donate_argnums=(0,),
+      out_shardings=(jax.tree.map(lambda _: replicated, run.abstract_state),
+                     replicated))
+
+
+def _log_evaluate_save(run: Run, step: int, watch: _TrainMetrics,
+                       speed: run_info.Speed, stop: bool) -> None:
+  """What is due after `step`: the training log, the evaluation on
+  validation (always at the last step: its checkpoint, like every evaluated
+  one, carries its own thresholds) and the checkpoint (also on `stop`).
+  Evaluation and saving are left out of the training speed."""
+  tc = run.config.train
+  eval_due = _is_due(step, int(tc.eval_every)) or step == int(tc.steps)
+  save_due = _is_due(step, int(tc.checkpoint_every)) or stop
+  log_due = _is_due(step, int(tc.log_every))
+  if eval_due or save_due or log_due:
+    watch.flush()  # Waits for the step: the pause below is not it.
+  if eval_due or save_due:
+    speed.pause()
+  if log_due:
+    run.writer.write_scalars(step, {
+        f"train/{k}": v for k, v in watch.mean_and_reset().items()})
+  elif int(tc.log_every) <= 0:
+    watch.mean_and_reset()  # No logs: keep nothing.
+  result = (_evaluate(run, run.state["params"], run.data.valid, step,
+                      "valid") if eval_due else None)
+  if result is not None and run.lead:
+    report.append_jsonl(run.workdir, evaluate.record(
+        step, run.data.valid.name, result.summary))
+  if save_due or result is not None:
+    if run.ckpt.save(step, run.state, _meta(run, result),
+                     metric=_metric(result), force=stop):
+      watch.last_saved = step
+  speed.resume()
 
 
 def _metric(result: Optional[report.Result]) -> Optional[float]:
