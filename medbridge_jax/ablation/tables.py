@@ -170,7 +170,10 @@ def _dose_intro(result: dict) -> list[str]:
   focal = result["levels"][0]["focal_labels"]
   return [
       "# Focal gain against the findings' size and contrast", "",
-      facts(c, result["seeds"], "the test split", None),
+      # Every level's runs report on the config's test split (resolve names
+      # it dataset/split).
+      facts(c, result["seeds"],
+            f"{c['data']['dataset']}/{c['data']['test_split']}", None),
       "Each level draws the focal findings (" + ", ".join(focal) + ") with "
       "data.synthetic.focal_scale times their size (nodule radius, pleural "
       "line width) and focal_contrast times their contrast. Gain: full's "
