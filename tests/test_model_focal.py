@@ -11,11 +11,11 @@ from medbridge_jax.errors import UserError
 from medbridge_jax.model import focal_sampling as fs
 
 
-
 def _random_corners(key, batch, num, height, width, crop):
   """Top-left corners of random crops, as MedBridge places them."""
   centres = fs.random_centres(key, batch, num, height, width, crop=crop)
   return fs.corners_from_centres(centres, crop, height, width)
+
 
 def coordinate_image(batch, h, w):
   """Pixel value = row * w + col (+ image index * h * w): exact in float32."""

@@ -30,12 +30,12 @@ SPECS = ("clip:width=32,layers=2,heads=2,patch=8,image=32,text_layers=1",
          "siglip:width=48,layers=1,heads=4,patch=8,image=24,text_layers=1")
 
 
-@pytest.fixture(scope="module")
-
 def _size(tree) -> int:
   """Scalars in a pytree of arrays."""
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
+
+@pytest.fixture(scope="module")
 def experts(tmp_path_factory):
   return tiny_run.random_experts_in(tmp_path_factory.mktemp("experts"), SPECS)
 

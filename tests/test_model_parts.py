@@ -12,10 +12,10 @@ from medbridge_jax.model import moe
 from medbridge_jax.model import partition
 
 
-
 def _size(tree) -> int:
   """Scalars in a pytree of arrays."""
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
 
 def toy_params():
   return {
