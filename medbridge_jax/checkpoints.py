@@ -30,15 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medbridge_jax import default_config
 from medbridge_jax import errors
 from medbridge_jax import report
 
-# Config keys that change what the state means: resuming under other values
-# would silently mix two experiments. Other differences are only logged.
 # Which checkpoint to read: see `Checkpointer.restore_which`.
 WHICH = ("best", "latest", "selected")
-_IDENTITY_KEYS = ("model", "experts", "random_experts", "data.dataset",
-                  "data.labels", "seed")
+# Config keys that change what the state means: resuming under other values
+# would silently mix two experiments. Other differences are only logged.
+_IDENTITY_KEYS = ("model", "method", "experts", "random_experts",
+                  "data.dataset", "data.labels", "seed")
 
 
 def all_finite(tree) -> bool:
@@ -55,23 +56,39 @@ def all_finite(tree) -> bool:
   return True
 
 
+def config_differences(saved: dict, current: dict
+                       ) -> list[tuple[str, Any, Any]]:
+  """(key, value there, value now) of every config key that differs.
+
+  A key the saved config lacks differs only when its value now is not the
+  schema's default: a key added to the schema since keeps the old behaviour
+  at its default, so workdirs written before it stay usable.
+  """
+  def flat(d):
+    return traverse_util.flatten_dict(json.loads(json.dumps(d)), sep=".")
+  a, b = flat(saved), flat(current)
+  defaults = flat(default_config.get_default().to_dict())
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)
+          and not (k not in a and k in defaults and b[k] == defaults[k])]
+
+
 def check_config(saved: dict | None, current: dict) -> None:
   """UserError when the workdir's checkpoints belong to another experiment."""
   if not saved:
     return
-  a = traverse_util.flatten_dict(saved, sep=".")
-  b = traverse_util.flatten_dict(json.loads(json.dumps(current)), sep=".")
-  differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-  fatal = [k for k in differ
+  differ = config_differences(saved, current)
+  fatal = [(k, there, now) for k, there, now in differ
            if any(k == p or k.startswith(p + ".") for p in _IDENTITY_KEYS)]
   if fatal:
+    k, there, now = fatal[0]
     raise errors.UserError(
         f"the workdir's checkpoints were made with another config "
-        f"({fatal[0]}: {a.get(fatal[0])!r} there, {b.get(fatal[0])!r} now); "
-        f"use another --workdir or the same config")
+        f"({k}: {there!r} there, {now!r} now); use another --workdir or the "
+        f"same config")
   if differ:
     logging.warning("Resuming with changed config values: %s",
-                    ", ".join(differ))
+                    ", ".join(k for k, _, _ in differ))
 
 
 def fingerprint(tree) -> str:

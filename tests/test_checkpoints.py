@@ -3,6 +3,7 @@
 import glob
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -104,8 +105,12 @@ def test_read_only_reader_changes_nothing(tmp_path):
   c.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == listing
   assert not os.path.exists(tmp_path / "corrupt")
-  # A writer (training resuming) does clean both up.
+  # A writer (training resuming) does clean both up; orbax removes the
+  # unfinished save in a background thread, so allow it a moment.
   checkpoints.Checkpointer(str(tmp_path), keep=2).close()
+  deadline = time.monotonic() + 20
+  while in_progress.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
   assert not in_progress.exists()
 
 
@@ -176,3 +181,29 @@ def test_other_towers_are_an_error_naming_the_expert():
     checkpoints.check_towers(saved, now[:1], "ckpt")
   # Checkpoints from before fingerprints: accepted (warned).
   checkpoints.check_towers(None, now, "ckpt")
+
+
+def test_keys_added_to_the_schema_since_keep_old_workdirs_usable():
+  """A workdir saved before `config.method` existed resumes under the
+  default method; another method, or another value of a key both configs
+  hold, is another experiment."""
+  from medbridge_jax import default_config  # pylint: disable=g-import-not-at-top
+  now = default_config.get_default().to_dict()
+  old = default_config.get_default().to_dict()
+  del old["method"]
+  assert checkpoints.config_differences(old, now) == []
+  checkpoints.check_config(old, now)
+  lora = default_config.get_default()
+  lora.method.name = "lora"
+  assert checkpoints.config_differences(old, lora.to_dict()) == [
+      ("method.name", None, "lora")]
+  with pytest.raises(errors.UserError, match="method.name: None there, "
+                     "'lora' now"):
+    checkpoints.check_config(old, lora.to_dict())
+  # Present on both sides: any change counts, default or not.
+  other = default_config.get_default().to_dict()
+  other["method"]["vpt_prompts"] = 3
+  assert checkpoints.config_differences(other, now) == [
+      ("method.vpt_prompts", 3, 8)]
+  with pytest.raises(errors.UserError, match="method.vpt_prompts"):
+    checkpoints.check_config(other, now)

@@ -16,6 +16,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from medbridge_jax import checkpoints
 from medbridge_jax import errors
 from medbridge_jax import jsonfile
 from medbridge_jax import report
@@ -92,22 +93,12 @@ def _claim(run_dir: str, wanted: dict) -> None:
         f" use another --workdir")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _first_difference(a: dict, b: dict) -> Optional[str]:
-  fa, fb = _flat(a), _flat(b)
-  for k in sorted(set(fa) | set(fb)):
-    if fa.get(k) != fb.get(k):
-      return f"{k}: {fa.get(k)!r} there, {fb.get(k)!r} now"
-  return None
+  differ = checkpoints.config_differences(a, b)
+  if not differ:
+    return None
+  k, there, now = differ[0]
+  return f"{k}: {there!r} there, {now!r} now"
 
 
 @dataclasses.dataclass
