@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from medbridge_jax import experts as experts_lib
+from medbridge_jax import methods
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import random_experts
 from medbridge_jax.experts import zero_shot
@@ -206,7 +207,9 @@ def bce_loss(learner, feats, targets, expert, label_weights):
 @pytest.mark.parametrize("class_specific", [False, True])
 def test_gradients_reach_the_context_only(expert, class_specific):
   learner, params = learner_and_params(expert, class_specific)
-  trainable, frozen = partition.split(params, coop.PARTITION_RULES)
+  # The rules training uses, on the learner where the model nests it.
+  trainable, frozen = (part["expert_0"]["prompts"] for part in partition.split(
+      {"expert_0": {"prompts": params}}, methods.BASELINE_RULES))
   assert set(trainable) == {"positive_context", "negative_context"}
   assert set(frozen) == {"text_tower"}
   feats = image_features(expert)
@@ -239,10 +242,10 @@ def test_gradients_reach_the_context_only(expert, class_specific):
 
 
 def test_partition_rules_cover_a_nested_learner(expert):
-  """The rules match wherever the framework nests the learner."""
+  """The rules training uses match the learner where the model nests it."""
   _, params = learner_and_params(expert)
   nested = {"expert_0": {"prompts": params}}
-  actions = partition.decide(nested, coop.PARTITION_RULES)
+  actions = partition.decide(nested, methods.BASELINE_RULES)
   assert actions["expert_0/prompts/positive_context"] == "train"
   assert actions["expert_0/prompts/negative_context"] == "train"
   tower = [a for p, a in actions.items() if "/text_tower/" in p]

@@ -36,13 +36,6 @@ from medbridge_jax.experts.text import TextTower
 Array = jax.Array
 KINDS = ("positive", "negative")
 
-# The contexts train, the text tower stays as loaded (first match decides).
-PARTITION_RULES = (
-    (r"(^|/)text_tower/", "frozen"),
-    (r"(^|/)(positive|negative)_context$", "train"),
-)
-
-
 def _frozen(x, dtype) -> np.ndarray:
   a = np.array(x, dtype)
   a.setflags(write=False)

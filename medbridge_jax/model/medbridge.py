@@ -369,14 +369,6 @@ def check_loaded(model_tree: Any, loaded: Any, what: str,
       {p: jnp.asarray(v, jnp.float32) for p, v in have.items()}, sep="/")
 
 
-def check_tower(model_tower: Any, expert: Any) -> dict:
-  """The expert's vision params as float32, after checking them against the
-  model's tower subtree (arrays or ShapeDtypeStructs): every path and shape
-  must match; the first difference is an error naming it."""
-  return check_loaded(model_tower, expert.params["vision"], "tower",
-                      f"expert {expert.name}: ")
-
-
 # Subtrees of an expert's params that hold loaded weights, by module name:
 # the vision tower (every method) and the text tower (learned prompts).
 LOADED = {"tower": ("vision", "tower"), "text_tower": ("text", "text tower")}
