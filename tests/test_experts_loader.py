@@ -60,7 +60,8 @@ def test_loads_both_families(folders):
 def test_missing_folder_and_config(tmp_path):
   with pytest.raises(UserError, match="expert folder not found"):
     experts.load(str(tmp_path / "nope"))
-  with pytest.raises(UserError, match="config.json not found"):
+  with pytest.raises(UserError, match="no supported expert format.*found: "
+                     "nothing.*closest is hf_clip: config.json"):
     experts.load(str(tmp_path))
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(UserError, match="cannot read config.json"):
@@ -71,8 +72,8 @@ def test_unknown_and_single_tower_model_types(clip_copy):
   _edit_config(clip_copy, model_type="bert")
   with pytest.raises(UserError, match="unknown model_type 'bert'"):
     experts.load(clip_copy)
-  _edit_config(clip_copy, model_type="clip_vision_model")
-  with pytest.raises(UserError, match="single tower.*clip_vision_model"):
+  _edit_config(clip_copy, model_type="clip_text_model")
+  with pytest.raises(UserError, match="text tower alone.*clip_text_model"):
     experts.load(clip_copy)
 
 
@@ -86,7 +87,7 @@ def test_pickle_weights_are_refused(clip_copy):
     experts.load(clip_copy)
   msg = str(e.value)
   assert "pytorch_model.bin" in msg and "arbitrary code" in msg
-  assert "safe_serialization=True" in msg
+  assert "medbridge_jax.experts.convert" in msg
 
 
 def test_wrong_shape_names_the_tensor_and_file(clip_copy):
@@ -177,8 +178,9 @@ def test_sharded_index_disagrees_with_shard(clip_copy):
     weight_map["visual_projection.weight"] = (
         "model-00001-of-00002.safetensors")
   _shard(clip_copy, lie)
-  with pytest.raises(UserError, match="'visual_projection.weight' in .*"
-                     "00002.safetensors is not mapped to that shard"):
+  with pytest.raises(UserError, match="'visual_projection.weight' is mapped "
+                     "to model-00001-of-00002.safetensors by .* but that "
+                     "shard does not hold it"):
     experts.load(clip_copy)
 
 
@@ -193,6 +195,25 @@ def test_missing_tokenizer_files(folders, tmp_path):
   os.remove(os.path.join(siglip, "spiece.model"))
   with pytest.raises(UserError, match="spiece.model missing"):
     experts.load(siglip)
+
+
+def test_no_tokenizer_files_at_all_is_a_vision_only_expert(folders, tmp_path):
+  clip = str(tmp_path / "clip")
+  shutil.copytree(folders["clip"], clip)
+  for name in os.listdir(clip):
+    if name.startswith(("vocab", "merges", "tokenizer", "special_tokens")):
+      os.remove(os.path.join(clip, name))
+  e, full = experts.load(clip), experts.load(folders["clip"])
+  assert not e.has_text and full.has_text
+  assert e.text is None and set(e.params) == {"vision"}
+  assert "no tokenizer files" in e.vision_only_reason
+  flat = lambda p: jax.tree_util.tree_leaves_with_path(p)
+  for (ka, va), (kb, vb) in zip(flat(e.params["vision"]),
+                                flat(full.params["vision"])):
+    assert ka == kb
+    np.testing.assert_array_equal(va, vb)
+  with pytest.raises(UserError, match="vision-only.*no tokenizer files"):
+    e.encode_text(["a chest x-ray"])
 
 
 def test_preprocessor_config(folders, clip_copy):

@@ -9,6 +9,7 @@ import pytest
 
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import layers
+from medbridge_jax.experts import positions
 from medbridge_jax.experts import vit
 
 
@@ -158,11 +159,21 @@ def test_other_input_sizes_use_resized_positions(setup):
   assert tokens.shape == (1, 6 * 3 + tower.num_prefix_tokens, 32)
 
 
+def test_a_side_off_the_patch_grid_drops_its_remainder(setup):
+  """As the references' strided patch conv does (SigLIP So400m: 384 px in
+  patches of 14 is a 27x27 grid on the first 378 px)."""
+  tower, v = setup[:2]
+  pixels = jax.random.normal(jax.random.PRNGKey(3), (1, 38, 35, 3))
+  got = tower.apply(v, pixels, method="embed")
+  want = tower.apply(v, pixels[:, :32, :32], method="embed")
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("shape,match", [
     ((2, 3, 32, 32), "NCHW"),
     ((2, 32, 32, 1), "3 channels"),
     ((32, 32, 3), "NHWC"),
-    ((2, 30, 32, 3), "multiples of the patch size"),
+    ((2, 6, 32, 3), "at least the patch size"),
 ])
 def test_bad_pixels(setup, shape, match):
   tower, v = setup[:2]
@@ -178,6 +189,6 @@ def test_bicubic_matrix_matches_torch():
     ref = torch.nn.functional.interpolate(
         torch.from_numpy(table.transpose(2, 0, 1))[None], size=new,
         mode="bicubic", align_corners=False)[0].numpy().transpose(1, 2, 0)
-    got = vit.resize_positions(jnp.asarray(table.reshape(25, 7)), (5, 5), new)
+    got = positions.resize(jnp.asarray(table.reshape(25, 7)), (5, 5), new)
     np.testing.assert_allclose(np.asarray(got).reshape(*new, 7), ref,
                                atol=1e-5)

@@ -1,7 +1,6 @@
 """Compute matching: the experts' input geometry and patch tokens per image."""
 
 import math
-import os
 
 import ml_collections
 
@@ -9,7 +8,6 @@ from medbridge_jax import errors
 from medbridge_jax.experts import from_config
 from medbridge_jax.experts import loader
 from medbridge_jax.experts import random_experts
-from medbridge_jax import jsonfile
 
 
 def expert_geometry(config: ml_collections.ConfigDict
@@ -18,9 +16,7 @@ def expert_geometry(config: ml_collections.ConfigDict
   out = []
   if config.experts:
     for path in from_config.expert_paths(config)[0]:
-      raw = jsonfile.read(os.path.join(path, "config.json"),
-                          "expert config")
-      vision, _ = loader.parse_config(raw, path)
+      vision = loader.vision_config(path)
       out.append((vision.image_size, vision.patch_size))
   else:
     for spec in from_config.as_list(config.random_experts,

@@ -1,11 +1,14 @@
-"""Frozen CLIP and SigLIP experts in Flax, loaded from Hugging Face folders.
+"""Frozen foundation-model experts in Flax, loaded from their publishers'
+folders (Hugging Face CLIP / SigLIP / DINOv2 / VLMs, open_clip).
 
   expert = experts.load("/path/to/clip-vit-base-patch16")
   feats = expert.image_features(expert.normalize_pixels(images01))
 
 Modules: vit (image tower), text (text tower), layers (shared blocks),
-hf_names (tensor-name map), loader, tokenizers, expert (the `Expert`
-object), random_experts (small random HF folders), zero_shot.
+positions (position-table resizing), names (tensor-name maps), tensors
+(safetensors reading), formats/ (one reader per checkpoint format), loader,
+tokenizers, preprocessing (pixel mean/std), expert (the `Expert` object),
+random_experts (small random HF folders), zero_shot.
 """
 
 from medbridge_jax.experts import random_experts

@@ -1,7 +1,9 @@
-"""`Expert`: one frozen CLIP or SigLIP model, ready to call.
+"""`Expert`: one frozen foundation model, ready to call.
 
-Holds the two linen towers, their float32 params, the tokenizer and the
-image normalisation. The towers and params are plain attributes so that
+Holds the linen image tower, the text tower where the model has one (and
+the folder a tokenizer), their float32 params, the tokenizer and the image
+normalisation. A vision-only expert (DINOv2, a VLM's vision tower, a folder
+without tokenizer files) has `text` None: no zero-shot prompts. The towers and params are plain attributes so that
 model code can use them inside its own jitted functions:
 
   expert.vision.apply({"params": expert.params["vision"]}, pixels,
@@ -17,15 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medbridge_jax.errors import UserError
-from medbridge_jax.experts.text import TextTower
 from medbridge_jax.experts.vit import VisionTower
-
-# transformers' CLIPImageProcessor / SiglipImageProcessor defaults.
-FAMILY_MEAN_STD = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073),
-             (0.26862954, 0.26130258, 0.27577711)),
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
 
 
 def unit_range(images) -> jax.Array:
@@ -54,15 +48,32 @@ class Expert:
   """A loaded expert; see the module docstring and docs/CONTRACTS.md."""
   name: str
   path: str
-  family: str  # "clip" | "siglip".
+  family: str  # "clip", "siglip", "dinov2", ... (formats' Checkpoint).
   image_size: int  # The checkpoint's native input side.
   image_mean: Tuple[float, float, float]
   image_std: Tuple[float, float, float]
   vision: VisionTower
-  text: TextTower
-  params: dict  # {"vision", "text", "logit_scale"[, "logit_bias"]}.
-  max_length: int  # Token sequence length tokenize pads to.
-  make_tokenizer: Callable[[], Any] = dataclasses.field(repr=False)
+  text: Any  # The linen text tower, or None for a vision-only expert.
+  # {"vision"[, "text", "logit_scale", "logit_bias"]}.
+  params: dict
+  max_length: int  # Token sequence length tokenize pads to (0: no text).
+  make_tokenizer: Optional[Callable[[], Any]] = dataclasses.field(
+      default=None, repr=False)
+  format: str = "hf_clip"  # The reader that loaded it (formats.MODULES).
+  disk_dtype: str = "float32"  # The dtype most weights are stored in.
+  vision_only_reason: Optional[str] = None  # Why `text` is None.
+
+  @property
+  def has_text(self) -> bool:
+    """Whether the expert can embed text (zero-shot prompts, CoOp)."""
+    return self.text is not None
+
+  def require_text(self, what: str):
+    """Raises a UserError naming `what` needs text for a vision-only
+    expert."""
+    if not self.has_text:
+      raise UserError(f"{what} needs a text tower, and expert {self.name} "
+                      f"is vision-only ({self.vision_only_reason})")
 
   @property
   def dtype(self):
@@ -71,11 +82,13 @@ class Expert:
   @functools.cached_property
   def tokenizer(self):
     """The checkpoint's transformers tokenizer (built on first use)."""
+    self.require_text("tokenizing")
     return self.make_tokenizer()
 
   @property
   def logit_scale(self) -> jax.Array:
     """exp(logit_scale): the temperature the checkpoint was trained with."""
+    self.require_text("a logit scale")
     return jnp.exp(jnp.reshape(self.params["logit_scale"], ()))
 
   @property
@@ -105,6 +118,7 @@ class Expert:
 
   def text_features(self, input_ids, attention_mask=None) -> jax.Array:
     """get_text_features for (B, T) token ids (and optional 0/1 mask)."""
+    self.require_text("text features")
     ids = jnp.asarray(input_ids, jnp.int32)
     if ids.ndim != 2:
       raise UserError(f"input_ids must be (batch, length); got {ids.shape}")
@@ -129,14 +143,19 @@ class Expert:
   def encode_text(self, texts: Sequence[str]) -> jax.Array:
     """Text features of raw strings, used the way the family was trained.
 
-    CLIP gets its padding mask (pooling at the end token makes it
-    irrelevant anyway). SigLIP was trained on max-length padded text
-    without a mask (big_vision, and transformers' pipelines before 5.x), so
-    the pad tokens are attended to, as its pooling at the last position
-    expects.
+    CLIP (and BERT) get their padding mask (pooling at the end token makes
+    it irrelevant for CLIP anyway). SigLIP was trained on max-length padded
+    text without a mask (big_vision, and transformers' pipelines before
+    5.x), so the pad tokens are attended to, as its pooling at the last
+    position expects.
     """
     ids, mask = self.tokenize(texts)
-    return self.text_features(ids, mask if self.family == "clip" else None)
+    return self.text_features(ids, self.text_mask(mask))
+
+  def text_mask(self, mask):
+    """The attention mask the text tower is run with: `mask`, or None for
+    towers trained without one (SigLIP)."""
+    return None if self.text.config.family == "siglip" else mask
 
   def normalize_pixels(self, images) -> jax.Array:
     """uint8 or [0, 1] images (..., H, W, 1 or 3) -> this expert's
@@ -152,7 +171,8 @@ class Expert:
     """The same expert computing in `dtype` (params unchanged)."""
     impl = (self.vision.attention_impl if attention_impl == "keep"
             else attention_impl)
+    text = (None if self.text is None
+            else self.text.clone(dtype=dtype, attention_impl=impl))
     return dataclasses.replace(
-        self,
-        vision=self.vision.clone(dtype=dtype, attention_impl=impl),
-        text=self.text.clone(dtype=dtype, attention_impl=impl))
+        self, vision=self.vision.clone(dtype=dtype, attention_impl=impl),
+        text=text)

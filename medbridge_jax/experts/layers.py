@@ -1,10 +1,11 @@
-"""Transformer building blocks shared by the CLIP and SigLIP towers.
+"""Transformer building blocks shared by the towers.
 
-Both families use the same pre-norm encoder layer (LayerNorm, multi-head
-self-attention, residual, LayerNorm, MLP, residual); they differ only in the
-activation and the LayerNorm epsilon. Params are float32; `dtype` is the
-compute dtype. Attention goes through `jax.nn.dot_product_attention`;
-`choose_attention` picks its implementation per platform and path.
+Every family uses the same pre-norm encoder layer (LayerNorm, multi-head
+self-attention, residual, LayerNorm, MLP, residual); they differ in the
+activation, the LayerNorm epsilon and DINOv2's layer scale. Params are
+float32; `dtype` is the compute dtype. Attention goes through
+`jax.nn.dot_product_attention`; `choose_attention` picks its implementation
+per platform and path.
 """
 
 from typing import Callable, Optional
@@ -185,17 +186,28 @@ class EncoderLayer(nn.Module):
   eps: float
   dtype: jnp.dtype = jnp.float32
   attention_impl: Optional[str] = None
+  # DINOv2: each branch's output is scaled per channel (`layer_scale1/2`).
+  layer_scale: bool = False
 
   def setup(self):
+    if self.layer_scale:
+      ones = nn.initializers.ones
+      self.scale1 = self.param("scale1", ones, (self.hidden_size,))
+      self.scale2 = self.param("scale2", ones, (self.hidden_size,))
     self.norm1 = layer_norm(self.eps, self.dtype)
     self.attn = SelfAttention(self.hidden_size, self.num_heads, self.dtype,
                               self.attention_impl)
     self.norm2 = layer_norm(self.eps, self.dtype)
     self.mlp = Mlp(self.hidden_size, self.mlp_dim, self.act, self.dtype)
 
+  def _scaled(self, y: Array, which: int) -> Array:
+    if not self.layer_scale:
+      return y
+    return y * (self.scale1 if which == 1 else self.scale2).astype(y.dtype)
+
   def _finish(self, x: Array, attn_out: Array) -> Array:
-    x = x + attn_out
-    return x + self.mlp(self.norm2(x))
+    x = x + self._scaled(attn_out, 1)
+    return x + self._scaled(self.mlp(self.norm2(x)), 2)
 
   def __call__(self, x: Array, mask: Optional[Array] = None,
                differentiated: bool = False) -> Array:

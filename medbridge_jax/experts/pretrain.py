@@ -43,7 +43,8 @@ import numpy as np
 import optax
 
 from medbridge_jax.errors import UserError
-from medbridge_jax.experts.expert import FAMILY_MEAN_STD, normalize_pixels
+from medbridge_jax.experts.expert import normalize_pixels
+from medbridge_jax.experts.preprocessing import FAMILY_MEAN_STD
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 
 Array = jax.Array

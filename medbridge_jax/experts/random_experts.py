@@ -5,7 +5,7 @@
 `experts.load` reads through the very same code path as a real checkpoint:
 config.json (transformers' own format), model.safetensors, tokenizer files
 and preprocessor_config.json. No torch: our Flax towers are initialised with
-JAX and their params mapped to HF names by `hf_names`.
+JAX and their params mapped to HF names by `formats.hf_clip`.
 
 Spec: "family:key=value,...", e.g. "clip:width=64,layers=4,heads=4,patch=8,
 image=64". Keys: width, layers, heads, patch, image, mlp (default 4*width),
@@ -41,10 +41,11 @@ from safetensors.numpy import save_file
 
 from medbridge_jax import machine
 from medbridge_jax.errors import UserError
-from medbridge_jax.experts import hf_names
-from medbridge_jax.experts import loader
+from medbridge_jax.experts import names
+from medbridge_jax.experts import tokenizers
+from medbridge_jax.experts.formats import hf_clip
 from medbridge_jax.experts import pretrain
-from medbridge_jax.experts.expert import FAMILY_MEAN_STD
+from medbridge_jax.experts.preprocessing import FAMILY_MEAN_STD
 from medbridge_jax.experts.text import TextConfig, TextTower
 from medbridge_jax.experts.vit import VisionConfig, VisionTower
 
@@ -388,12 +389,12 @@ def write(path: str, spec: str, seed: int = 0) -> str:
       _write_json(os.path.join(tmp, "pretraining.json"), {
           **pretraining_record(spec, seed), **_made_by(),
           "final_losses": final})
-    tensors = hf_names.from_params(params, hf_names.all_entries(vision, text))
+    tensors = names.from_params(params, hf_clip.all_entries(vision, text))
     save_file(tensors, os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
     _write_json(os.path.join(tmp, "preprocessor_config.json"),
                 preprocessor_config(family, v["image"]))
-    with loader.quiet_transformers():
+    with tokenizers.quiet_transformers():
       _hf_config(family, v, vision, text, tok).save_pretrained(tmp)
     if not os.path.exists(path):
       os.rename(tmp, path)

@@ -1,8 +1,13 @@
-"""The CLIP and SigLIP image towers (ViT) as one linen module.
+"""Every ViT image tower we load, as one linen module.
 
-CLIP: bias-free patch conv, class token, pre-norm, post-norm of the class
-token, linear projection. SigLIP: patch conv with bias, no class token, no
-pre-norm, post-norm of all tokens, attention-pooling (MAP) head.
+The families differ in a few switches of `VisionConfig`, set by the format
+readers from the checkpoint: CLIP (bias-free patch conv, class token,
+pre-norm, post-norm of the class token, linear projection), SigLIP (patch
+conv with bias, no class token, no pre-norm, post-norm of all tokens,
+attention-pooling (MAP) head, or the token mean when saved without it),
+DINOv2 (class token, optional register tokens, layer scale, post-norm of
+the class token), open_clip's and timm's ViTs (fused qkv on disk, split at
+load; a class token; with or without pre-norm and projection).
 
 The tower runs in pieces so the Query-Encoder can stop after layer T and
 resume with extra tokens:
@@ -15,25 +20,40 @@ resume with extra tokens:
 """
 
 import dataclasses
-import functools
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import layers
+from medbridge_jax.experts import positions
 
 Array = jax.Array
 MODES = ("non_destructive", "joint")
 
 
+POOLINGS = ("class", "map", "mean")
+INTERPOLATIONS = ("bicubic", "bicubic_antialias")
+
+# What a family's tower looks like where its reader does not say otherwise.
+FAMILY_DEFAULTS = {
+    "clip": dict(class_token=True, pre_norm=True, patch_bias=False,
+                 pooling="class"),
+    "siglip": dict(class_token=False, pre_norm=False, patch_bias=True,
+                   pooling="map"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """Shape of an image tower, read from the checkpoint's `vision_config`."""
-  family: str  # "clip" | "siglip".
+  """Shape and architecture of an image tower, read from the checkpoint.
+
+  The switches left at None take the family's defaults (FAMILY_DEFAULTS);
+  families without defaults set them all.
+  """
+  family: str  # "clip", "siglip", "dinov2", "open_clip", "timm_vit", ...
   hidden_size: int
   num_layers: int
   num_heads: int
@@ -43,55 +63,57 @@ class VisionConfig:
   act: str  # transformers' `hidden_act`.
   eps: float  # LayerNorm epsilon.
   num_channels: int = 3
-  projection_dim: int = 0  # CLIP `visual_projection` width.
-  use_head: bool = True  # SigLIP MAP head (`vision_use_head`).
+  projection_dim: int = 0  # Width of a bias-free projection after pooling.
+  use_head: bool = True  # SigLIP's MAP head (`vision_use_head`).
+  class_token: Optional[bool] = None  # A learned [CLS] before the patches.
+  pre_norm: Optional[bool] = None  # LayerNorm after the embeddings (CLIP).
+  patch_bias: Optional[bool] = None  # The patch conv has a bias.
+  # "class": post-norm of the class token; "map": SigLIP's attention
+  # pooling of the post-normed tokens; "mean": mean of the post-normed
+  # patch tokens (a SigLIP tower saved without its head).
+  pooling: Optional[str] = None
+  layer_scale: bool = False  # DINOv2's per-channel residual scales.
+  num_registers: int = 0  # DINOv2 register tokens (after the class token).
+  # How position tables are resized to another grid: PyTorch's bicubic, or
+  # its antialiased bicubic (DINOv2 with registers, timm).
+  position_interpolation: str = "bicubic"
+
+  def __post_init__(self):
+    defaults = dict(FAMILY_DEFAULTS.get(self.family, {}))
+    if self.family == "siglip" and not self.use_head:
+      defaults["pooling"] = "mean"
+    for key, value in defaults.items():
+      if getattr(self, key) is None:
+        object.__setattr__(self, key, value)
+    unset = [k for k in ("class_token", "pre_norm", "patch_bias", "pooling")
+             if getattr(self, k) is None]
+    if unset:
+      raise ValueError(f"vision family {self.family!r} has no defaults; "
+                       f"set {', '.join(unset)}")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling {self.pooling!r} not in {POOLINGS}")
+    if self.pooling == "class" and not self.class_token:
+      raise ValueError("class-token pooling needs a class token")
+    if self.position_interpolation not in INTERPOLATIONS:
+      raise ValueError(f"position_interpolation "
+                       f"{self.position_interpolation!r} not in "
+                       f"{INTERPOLATIONS}")
 
   @property
   def grid(self) -> int:
+    """Patches per side at `image_size` (a remainder is dropped, as the
+    strided patch conv of every reference does)."""
     return self.image_size // self.patch_size
 
   @property
+  def num_position_prefix(self) -> int:
+    """Rows of the position table before the patches' (the class token's)."""
+    return int(self.class_token)
+
+  @property
   def num_prefix_tokens(self) -> int:
-    return 1 if self.family == "clip" else 0
-
-
-@functools.lru_cache(maxsize=64)
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) weights of PyTorch's bicubic resize, align_corners=False.
-
-  Same sampling points (no clamping of the source coordinate), the same
-  Keys kernel with a = -0.75, and the same border clamping of taps as
-  `torch.nn.functional.interpolate(mode="bicubic")`, which transformers
-  uses for `interpolate_pos_encoding=True`.
-  """
-  a = -0.75
-  scale = in_size / out_size
-  w = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    src = scale * (i + 0.5) - 0.5
-    x0 = int(np.floor(src))
-    t = src - x0
-    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1
-    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    taps = (far(t + 1), near(t), near(1 - t), far(2 - t))
-    for j, c in enumerate(taps):
-      w[i, min(max(x0 - 1 + j, 0), in_size - 1)] += c
-  return w.astype(np.float32)
-
-
-def resize_positions(pos: Array, grid: Tuple[int, int],
-                     new_grid: Tuple[int, int]) -> Array:
-  """Bicubic resize of a (gh*gw, D) position table to `new_grid`."""
-  if tuple(grid) == tuple(new_grid):
-    return pos
-  d = pos.shape[-1]
-  table = pos.reshape(grid[0], grid[1], d)
-  wh = jnp.asarray(bicubic_matrix(grid[0], new_grid[0]))
-  ww = jnp.asarray(bicubic_matrix(grid[1], new_grid[1]))
-  hi = jax.lax.Precision.HIGHEST
-  table = jnp.einsum("ih,hwd->iwd", wh, table, precision=hi)
-  table = jnp.einsum("jw,iwd->ijd", ww, table, precision=hi)
-  return table.reshape(new_grid[0] * new_grid[1], d)
+    """Tokens before the patch tokens: class token, then registers."""
+    return int(self.class_token) + self.num_registers
 
 
 class MapHead(nn.Module):
@@ -119,7 +141,8 @@ class MapHead(nn.Module):
 
 
 class VisionTower(nn.Module):
-  """A CLIP or SigLIP image tower. Params float32, compute in `dtype`.
+  """A ViT image tower (see VisionConfig). Params float32, compute in
+  `dtype`.
 
   Pixels are NHWC, normalised as the checkpoint's image processor does. Any
   side that is a multiple of the patch size works; position embeddings are
@@ -144,29 +167,30 @@ class VisionTower(nn.Module):
 
   def setup(self):
     c = self.config
-    if c.family not in ("clip", "siglip"):
-      raise UserError(f"unknown vision family {c.family!r}")
     p, d = c.patch_size, c.hidden_size
     self.patch_embed = nn.Conv(
-        d, (p, p), strides=(p, p), padding="VALID",
-        use_bias=c.family == "siglip", dtype=self.dtype,
-        param_dtype=jnp.float32)
-    num_pos = c.grid * c.grid + c.num_prefix_tokens
+        d, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias,
+        dtype=self.dtype, param_dtype=jnp.float32)
+    num_pos = c.grid * c.grid + c.num_position_prefix
     self.position_embedding = self.param(
         "position_embedding", nn.initializers.normal(0.02), (num_pos, d))
-    if c.family == "clip":
+    if c.class_token:
       self.class_embedding = self.param(
           "class_embedding", nn.initializers.normal(0.02), (d,))
+    if c.num_registers:
+      self.registers = self.param(
+          "registers", nn.initializers.zeros, (c.num_registers, d))
+    if c.pre_norm:
       self.pre_norm = layers.layer_norm(c.eps, self.dtype)
     self.layers = [
         layers.EncoderLayer(d, c.num_heads, c.mlp_dim, c.act, c.eps,
-                            self.dtype, self.attention_impl)
+                            self.dtype, self.attention_impl, c.layer_scale)
         for _ in range(c.num_layers)]
     self.post_norm = layers.layer_norm(c.eps, self.dtype)
-    if c.family == "clip" and c.projection_dim:
+    if c.projection_dim:
       self.projection = layers.dense(c.projection_dim, self.dtype,
                                      use_bias=False)
-    if c.family == "siglip" and c.use_head:
+    if c.pooling == "map":
       self.head = MapHead(c, self.dtype, self.attention_impl)
 
   def check_pixels(self, pixels: Array):
@@ -180,9 +204,9 @@ class VisionTower(nn.Module):
               if shape[1] == c.num_channels else "")
       raise UserError(f"pixels must have {c.num_channels} channels last "
                       f"(NHWC); got shape {shape}{hint}")
-    if shape[1] % c.patch_size or shape[2] % c.patch_size:
-      raise UserError(f"pixel height and width must be multiples of the "
-                      f"patch size {c.patch_size}; got shape {shape}")
+    if shape[1] < c.patch_size or shape[2] < c.patch_size:
+      raise UserError(f"pixel height and width must be at least the patch "
+                      f"size {c.patch_size}; got shape {shape}")
 
   def _check_range(self, start: int, end: Optional[int]) -> Tuple[int, int]:
     end = self.num_layers if end is None else end
@@ -192,23 +216,31 @@ class VisionTower(nn.Module):
     return start, end
 
   def embed(self, pixels: Array) -> Array:
-    """Patches + class token + positions (+ CLIP pre-norm): (B, S, D)."""
+    """Patches + class token + positions (+ registers, + pre-norm):
+    (B, S, D). A side that is not a multiple of the patch size loses its
+    remainder, as the references' strided patch conv does."""
     self.check_pixels(pixels)
     c = self.config
     x = self.patch_embed(jnp.asarray(pixels, self.dtype))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     pos = self.position_embedding
-    prefix = pos[:c.num_prefix_tokens]
-    pos = resize_positions(pos[c.num_prefix_tokens:], (c.grid, c.grid),
-                           (gh, gw))
+    prefix = pos[:c.num_position_prefix]
+    pos = positions.resize(pos[c.num_position_prefix:], (c.grid, c.grid),
+                           (gh, gw), c.position_interpolation)
     pos = jnp.concatenate([prefix, pos], axis=0).astype(self.dtype)
-    if c.family == "clip":
+    if c.class_token:
       cls = jnp.broadcast_to(self.class_embedding.astype(self.dtype),
                              (b, 1, d))
       x = jnp.concatenate([cls, x], axis=1)
     x = x + pos[None]
-    if c.family == "clip":
+    if c.num_registers:
+      # Registers carry no position; they sit between the class token and
+      # the patches (DINOv2 with registers).
+      reg = jnp.broadcast_to(self.registers.astype(self.dtype),
+                             (b, c.num_registers, d))
+      x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
+    if c.pre_norm:
       x = self.pre_norm(x)
     return x
 
@@ -263,13 +295,15 @@ class VisionTower(nn.Module):
     """
     c = self.config
     x = jnp.asarray(tokens, self.dtype)
-    if c.family == "clip":
+    if c.pooling == "class":
       x = self.post_norm(x[:, 0])
-      return self.projection(x) if c.projection_dim else x
-    x = self.post_norm(x)
-    # Without a head transformers has no pooled output; the token mean is
-    # the usual stand-in (big_vision's "gap").
-    return self.head(x, differentiated) if c.use_head else x.mean(axis=1)
+    else:
+      x = self.post_norm(x)
+      # Without a head transformers has no pooled output; the mean of the
+      # patch tokens is the usual stand-in (big_vision's "gap").
+      x = (self.head(x, differentiated) if c.pooling == "map"
+           else x[:, c.num_prefix_tokens:].mean(axis=1))
+    return self.projection(x) if c.projection_dim else x
 
   def __call__(self, pixels: Array, output_hidden_states: bool = False,
                differentiated: bool = False):

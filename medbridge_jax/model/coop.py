@@ -133,7 +133,7 @@ def prepare(expert: Any, labels: Sequence[str],
                                  template))
     contexts.append(table[np.asarray(context)])
   return PromptSpec(labels, (positive, negative), expert.text.config, ids,
-                    mask if expert.family == "clip" else None, starts,
+                    expert.text_mask(mask), starts,
                     contexts)
 
 
