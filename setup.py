@@ -28,7 +28,14 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": [
-        "torch==2.13.0",  # CPU wheel; the reference for parity tests only
+        # References for parity tests only. open_clip and timm need
+        # torchvision, whose wheels are CUDA builds: torch and torchvision
+        # are pinned as the pair that loads together (CUDA libraries
+        # unused on CPU).
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "open_clip_torch==3.3.0",
+        "timm==1.0.29",
         "scikit-learn>=1.4",  # reference for metrics
         "pytest>=8",
         "pytest-xdist>=3",
