@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -332,11 +332,21 @@ def write_predictions(workdir: str, name: str, result: Result
            label_names=np.asarray(result.summary.label_names, dtype=str))
 
 
-def run_header(c, d, expert_names: Sequence[str],
-               expert_paths: Sequence[str], meta: dict) -> list[str]:
+def run_header(c, d, expert_names: Sequence[str], experts: Sequence[Any],
+               meta: dict) -> list[str]:
   """report.md's opening lines: what was trained on what, how the model was
   selected and where it is reported. `c` the config, `d` the run's
-  `resolve.Data`, `meta` the selected checkpoint's."""
+  `resolve.Data`, `experts` the loaded experts, `meta` the selected
+  checkpoint's."""
+  expert_paths = [e.path for e in experts]
+  vision_only = [n for n, e in zip(expert_names, experts) if not e.has_text]
+  zero_shot = ("Zero-shot: each frozen expert with the label prompts "
+               f"\"{c.zero_shot.positive}\" / \"{c.zero_shot.negative}\"")
+  if vision_only:
+    zero_shot += (f"; {', '.join(vision_only)} "
+                  f"{'is' if len(vision_only) == 1 else 'are'} vision-only "
+                  f"(no text tower): no zero-shot row, the head started "
+                  f"at zero")
   return [
       f"Data: {c.data.dataset} "
       f"({c.data.root or 'synthetic, generated in the cache'}), "
@@ -354,6 +364,5 @@ def run_header(c, d, expert_names: Sequence[str],
       f"patient shared with training or validation); mean AUROC over "
       f"{', '.join(c.eval.mean_labels) or 'all labels'}; 95% CIs resample "
       f"patients ({c.eval.bootstrap} resamples).",
-      "Zero-shot: each frozen expert with the label prompts "
-      f"\"{c.zero_shot.positive}\" / \"{c.zero_shot.negative}\".",
+      zero_shot + ".",
   ]

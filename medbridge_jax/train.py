@@ -55,7 +55,6 @@ from medbridge_jax import sharding
 from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
 from medbridge_jax.data import resolve
-from medbridge_jax.experts import zero_shot
 from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import losses
 from medbridge_jax.model import medbridge
@@ -91,7 +90,8 @@ class Run:
   data: resolve.Data
   experts: list
   expert_names: list[str]
-  prompts: list  # Per expert (L, 2, P) label-prompt embeddings.
+  # Per expert (L, 2, P) label-prompt embeddings; None if vision-only.
+  prompts: list
   towers: list[dict]  # checkpoints.tower_fingerprints of the experts.
   model: Any  # methods.build's: MedBridge or a baseline.
   param_counts: dict  # partition.count: {"train": n, "frozen": n}.
@@ -119,10 +119,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
                len(data.test.index), data.test.name, len(data.label_names))
   experts = from_config.load(config)
   names = from_config.display_names(experts, bool(config.experts))
-  prompts = [zero_shot.prompt_embeddings(e, list(data.label_names),
-                                         config.zero_shot.positive,
-                                         config.zero_shot.negative)
-             for e in experts]
+  prompts = medbridge.label_prompts(config, experts, data.label_names)
   model = methods.build(config, experts, data.label_names,
                         prompt_embeddings=prompts)
   _log_method(config, experts)
@@ -484,6 +481,8 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
                                             f"test/{es.name}", bootstrap)}
     if c.zero_shot.enabled:
       for e, p, name in zip(run.experts, run.prompts, run.expert_names):
+        if p is None:  # Vision-only: no text to score prompts with.
+          continue
         sets[es.name][f"zero-shot {name}"] = evaluate.evaluate(
             evaluate.make_zero_shot_fn(e, p), es, bootstrap=bootstrap,
             seed=int(c.seed), **_eval_kwargs(run))
@@ -500,8 +499,8 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
   if run.lead:
     for r in records.values():
       report.append_jsonl(run.workdir, r)
-    header = report.run_header(c, run.data, run.expert_names,
-                               [e.path for e in run.experts], meta)
+    header = report.run_header(c, run.data, run.expert_names, run.experts,
+                               meta)
     path = report.write(run.workdir, sets, header, bootstrap=bootstrap,
                         seed=int(c.seed))
     report.write_thresholds(run.workdir, meta["thresholds"])

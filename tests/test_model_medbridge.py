@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from medbridge_jax import default_config
+from medbridge_jax import methods
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import zero_shot
 from medbridge_jax.model import focal_sampling
@@ -216,6 +217,36 @@ def test_all_off_is_the_zero_shot_linear_probe(experts, prompts, fusion):
                                atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(aux["gates"], 0.5)
   np.testing.assert_allclose(logits, aux["expert_logits"].mean(1), atol=1e-6)
+
+
+def test_a_vision_only_expert_starts_at_zero_beside_a_text_initialised_one(
+    experts, prompts):
+  """The same towers, the SigLIP one without its text: its head starts at
+  zero (its logits are 0), the CLIP head is still the zero-shot one; CoOp,
+  which needs text, names the vision-only expert."""
+  vision_only = dataclasses.replace(
+      experts[1], text=None, make_tokenizer=None, max_length=0,
+      params={"vision": experts[1].params["vision"]},
+      vision_only_reason="no tokenizer files in the test")
+  mixed = [experts[0], vision_only]
+  c = config(**{"focal.enabled": False, "queries.enabled": False,
+                "moe.enabled": False})
+  assert medbridge.label_prompts(c, mixed, LABELS)[1] is None
+  model = medbridge.build(c, mixed, LABELS)
+  params = medbridge.init_params(model, jax.random.key(0), mixed, SIDE)
+  assert not np.any(np.asarray(params["expert_1"]["head"]["kernel"]))
+  logits, aux = eval_fn(model)(params, images(2, seed=7))
+  np.testing.assert_array_equal(aux["expert_logits"][:, 1], 0.0)
+  e = experts[0]
+  view = focal_sampling.resize(images(2, seed=7), e.image_size)
+  pair = zero_shot.logits(e.image_features(e.normalize_pixels(view[..., None])),
+                          prompts[0], e)
+  np.testing.assert_allclose(aux["expert_logits"][:, 0],
+                             pair[..., 0] - pair[..., 1], atol=1e-4, rtol=1e-4)
+  c.method.name = "coop"
+  with pytest.raises(UserError, match=f"CoOp.*{vision_only.name} is "
+                     "vision-only"):
+    methods.build(c, mixed, LABELS)
 
 
 def test_init_params_names_a_wrong_tower_shape(main, experts):

@@ -180,6 +180,8 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
                                       f"expert {k} ({e.name})")
   prompts, scales = (), ()
   if method.name == "coop":
+    for e in experts:
+      e.require_text("CoOp (config.method.name='coop')")
     z = config.zero_shot
     prompts = tuple(coop.prepare(e, list(labels), z.positive, z.negative)
                     for e in experts)

@@ -276,8 +276,9 @@ def build(config: ml_collections.ConfigDict, experts: Sequence[Any],
     experts: loaded `experts.Expert`s, in order (expert_0, expert_1, ...).
     labels: label names; L = len(labels).
     prompt_embeddings: per expert (L, 2, P) normalised text features of the
-      positive / negative label prompts. None with `model.head.text_init`:
-      computed here with `experts.zero_shot.prompt_embeddings`.
+      positive / negative label prompts (None for a vision-only expert).
+      None with `model.head.text_init`: computed here with
+      `experts.zero_shot.prompt_embeddings`.
   """
   check_nonempty(experts, labels)
   settings = settings_from_config(config.model)
@@ -291,21 +292,22 @@ def expert_specs(config: ml_collections.ConfigDict, experts: Sequence[Any],
                  prompt_embeddings: Optional[Sequence[Any]] = None
                  ) -> Tuple[ExpertSpec, ...]:
   """Each expert's `ExpertSpec`, with the text-initialised head directions
-  when `config.model.head.text_init` (see `build` for the arguments)."""
+  when `config.model.head.text_init` (see `build` for the arguments).
+
+  A vision-only expert has no prompts: its head starts at zero, as every
+  head does without text initialisation.
+  """
   check_nonempty(experts, labels)
   text_init = bool(config.model.head.text_init)
   if text_init and prompt_embeddings is None:
-    prompt_embeddings = [
-        zero_shot.prompt_embeddings(e, list(labels), config.zero_shot.positive,
-                                    config.zero_shot.negative)
-        for e in experts]
+    prompt_embeddings = label_prompts(config, experts, labels)
   if prompt_embeddings is not None and len(prompt_embeddings) != len(experts):
     raise ValueError(f"{len(prompt_embeddings)} prompt embeddings for "
                      f"{len(experts)} experts")
   specs = []
   for k, e in enumerate(experts):
     directions = None
-    if text_init:
+    if text_init and prompt_embeddings[k] is not None:
       rows = heads.text_directions(prompt_embeddings[k],
                                    float(e.logit_scale))
       if rows.shape[0] != len(labels):
@@ -317,6 +319,16 @@ def expert_specs(config: ml_collections.ConfigDict, experts: Sequence[Any],
         mean=tuple(float(x) for x in e.image_mean),
         std=tuple(float(x) for x in e.image_std), directions=directions))
   return tuple(specs)
+
+
+def label_prompts(config: ml_collections.ConfigDict, experts: Sequence[Any],
+                  labels: Sequence[str]) -> list:
+  """Per expert, the (L, 2, P) label-prompt embeddings of the config's
+  zero-shot prompts, or None for a vision-only expert."""
+  z = config.zero_shot
+  return [zero_shot.prompt_embeddings(e, list(labels), z.positive,
+                                      z.negative) if e.has_text else None
+          for e in experts]
 
 
 def check_nonempty(experts: Sequence[Any], labels: Sequence[str]) -> None:
