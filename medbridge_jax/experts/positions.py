@@ -40,12 +40,57 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   return w.astype(np.float32)
 
 
-MATRICES = {"bicubic": bicubic_matrix}
+def _keys_half(x: float) -> float:
+  """The Keys cubic with a = -0.5 (PIL's), as PyTorch's antialiased
+  bicubic uses it."""
+  a = -0.5
+  x = abs(x)
+  if x < 1:
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  if x < 2:
+    return (((x - 5) * x + 8) * x - 4) * a
+  return 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) weights of PyTorch's antialiased bicubic resize.
+
+  `interpolate(mode="bicubic", align_corners=False, antialias=True)` is a
+  different filter from the plain one even when upsampling: Keys' kernel
+  with a = -0.5, taps cut at the border (not clamped) and each row
+  normalised to sum 1; when downsampling the kernel is also stretched by
+  the scale (support 2 * scale), which is the antialiasing. Same index and
+  weight arithmetic as ATen's `_compute_weights_aa`.
+  """
+  scale = in_size / out_size
+  support = 2.0 * scale if scale >= 1 else 2.0
+  invscale = 1.0 / scale if scale >= 1 else 1.0
+  w = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    center = scale * (i + 0.5)
+    # int() truncates toward zero, as ATen's static_cast does.
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), in_size)
+    for j in range(lo, hi):
+      w[i, j] = _keys_half((j - center + 0.5) * invscale)
+    total = w[i].sum()
+    if total != 0:
+      w[i] /= total
+  return w.astype(np.float32)
+
+
+MATRICES = {"bicubic": bicubic_matrix,
+            "bicubic_antialias": bicubic_antialias_matrix}
 
 
 def resize(pos: Array, grid: Tuple[int, int], new_grid: Tuple[int, int],
            kind: str = "bicubic") -> Array:
-  """A (gh*gw, D) position table resized to `new_grid`, as `kind` does."""
+  """A (gh*gw, D) position table resized to `new_grid`, as `kind` does
+  (a key of MATRICES)."""
+  if kind not in MATRICES:
+    raise ValueError(f"position interpolation {kind!r} not in "
+                     f"{tuple(MATRICES)}")
   if tuple(grid) == tuple(new_grid):
     return pos
   matrix = MATRICES[kind]
