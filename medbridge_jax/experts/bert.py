@@ -200,8 +200,10 @@ class BertTower(nn.Module):
   def _pool(self, x: Array, keys: Array) -> Array:
     c = self.config
     if c.pooling == "mean":
-      weights = keys.astype(x.dtype)[..., None]
-      return (x * weights).sum(axis=1) / weights.sum(axis=1)
+      # In float32: a bfloat16 count of tokens is inexact past 256.
+      weights = keys.astype(jnp.float32)[..., None]
+      mean = (x.astype(jnp.float32) * weights).sum(1) / weights.sum(1)
+      return mean.astype(x.dtype)
     cls = x[:, 0]
     if c.pooling == "cls_pooler":
       return jnp.tanh(self.pooler(cls))
