@@ -12,8 +12,9 @@ patch_embeddings.projection}`, `encoder.layer.N.{norm1,
 attention.attention.{query,key,value}, attention.output.dense,
 layer_scale1.lambda1, norm2, mlp.fc1, mlp.fc2, layer_scale2.lambda1}`,
 `layernorm`; an image-classification folder has them under its base
-model's prefix ("dinov2.", "dinov2_with_registers.") beside `classifier`. transformers 5 names the attention
-`attention.{q,k,v,o}_proj` in memory; files with those names are read too.
+model's prefix ("dinov2.", "dinov2_with_registers.") beside `classifier`.
+transformers 5 names the attention `attention.{q,k,v,o}_proj` in memory;
+files with those names are read too.
 """
 
 import os
