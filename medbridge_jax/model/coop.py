@@ -30,8 +30,6 @@ import numpy as np
 
 from medbridge_jax.errors import UserError
 from medbridge_jax.experts import zero_shot
-from medbridge_jax.experts.text import TextConfig
-from medbridge_jax.experts.text import TextTower
 
 Array = jax.Array
 KINDS = ("positive", "negative")
@@ -54,17 +52,20 @@ class PromptSpec:
   """
 
   def __init__(self, labels: Sequence[str], templates: Tuple[str, str],
-               text_config: TextConfig, ids, mask, starts: Tuple[int, int],
-               contexts):
+               text_config: Any, ids, mask, starts: Tuple[int, int],
+               contexts, text_class: Any):
     self.labels = tuple(labels)
     self.templates = tuple(templates)
     self.text_config = text_config
+    # The expert's own text tower module (CLIP/SigLIP's TextTower, BERT...).
+    self.text_class = text_class
     self.ids = _frozen(ids, np.int32)
     self.mask = None if mask is None else _frozen(mask, np.int32)
     self.starts = tuple(int(s) for s in starts)
     self.contexts = tuple(_frozen(c, np.float32) for c in contexts)
     arrays = (self.ids, self.mask) + self.contexts
-    self._key = (self.labels, self.templates, self.text_config, self.starts,
+    self._key = (self.labels, self.templates, self.text_config,
+                 self.text_class, self.starts,
                  tuple(None if a is None else (a.shape, a.tobytes())
                        for a in arrays))
     self._hash = hash(self._key)
@@ -133,8 +134,8 @@ def prepare(expert: Any, labels: Sequence[str],
                                  template))
     contexts.append(table[np.asarray(context)])
   return PromptSpec(labels, (positive, negative), expert.text.config, ids,
-                    expert.text_mask(mask), starts,
-                    contexts)
+                    expert.text_mask(mask), starts, contexts,
+                    text_class=type(expert.text))
 
 
 def _l2_normalize(x: Array) -> Array:
@@ -155,8 +156,9 @@ class PromptLearner(nn.Module):
   attention_impl: Optional[str] = None
 
   def setup(self):
-    self.text_tower = TextTower(self.spec.text_config, dtype=self.dtype,
-                                attention_impl=self.attention_impl)
+    self.text_tower = self.spec.text_class(
+        self.spec.text_config, dtype=self.dtype,
+        attention_impl=self.attention_impl)
     num = len(self.spec.labels)
     contexts = []
     for kind, init in zip(KINDS, self.spec.contexts):
