@@ -4,7 +4,9 @@ CLIP: causal attention (plus the padding mask), final LayerNorm, the hidden
 state at the end-of-text token, bias-free `text_projection`. SigLIP:
 bidirectional attention (plus the padding mask), final LayerNorm, the last
 position's hidden state (padding included, as SigLIP was trained with
-max-length padding), `head` Linear with bias.
+max-length padding), `head` Linear with bias. open_clip's own text
+transformer is CLIP's, with its pooling named (`pool_type`) and optional
+layer scale.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from medbridge_jax.experts import layers
 
 Array = jax.Array
+POOLINGS = ("argmax", "eos", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,27 @@ class TextConfig:
   eps: float
   projection_dim: int  # CLIP text_projection / SigLIP head output width.
   eos_token_id: int = 2  # CLIP pooling; 2 means "argmax of ids" (legacy).
+  # Which position is pooled: "argmax" (the largest token id: the end token
+  # in CLIP's BPE vocabulary), "eos" (the first `eos_token_id`), "last".
+  # None: the family's rule (SigLIP "last"; CLIP "argmax" when
+  # eos_token_id is 2, as transformers keeps for such configs, else "eos").
+  pooling: Optional[str] = None
+  layer_scale: bool = False  # Per-channel residual scales (open_clip's ls).
+
+  def __post_init__(self):
+    if self.pooling is not None and self.pooling not in POOLINGS:
+      raise ValueError(f"text pooling {self.pooling!r} not in {POOLINGS}")
+
+  @property
+  def pool_rule(self) -> str:
+    """The pooling in effect: `pooling`, or the family's rule."""
+    if self.pooling is not None:
+      return self.pooling
+    if self.family == "siglip":
+      return "last"
+    # transformers keeps the pre-2023 rule for configs whose end token is
+    # 2: the end token has the largest id in CLIP's original vocabulary.
+    return "argmax" if self.eos_token_id == 2 else "eos"
 
 
 class TextTower(nn.Module):
@@ -59,7 +83,7 @@ class TextTower(nn.Module):
         (c.max_length, d))
     self.layers = [
         layers.EncoderLayer(d, c.num_heads, c.mlp_dim, c.act, c.eps,
-                            self.dtype, self.attention_impl)
+                            self.dtype, self.attention_impl, c.layer_scale)
         for _ in range(c.num_layers)]
     self.final_norm = layers.layer_norm(c.eps, self.dtype)
     self.projection = layers.dense(c.projection_dim, self.dtype,
@@ -79,11 +103,10 @@ class TextTower(nn.Module):
 
   def _pool_index(self, ids: Array) -> Array:
     c = self.config
-    if c.family == "siglip":
+    rule = c.pool_rule
+    if rule == "last":
       return jnp.full((ids.shape[0],), ids.shape[1] - 1)
-    if c.eos_token_id == 2:
-      # transformers keeps the pre-2023 rule for such configs: the end token
-      # has the largest id in CLIP's original vocabulary.
+    if rule == "argmax":
       return jnp.argmax(ids, axis=-1)
     return jnp.argmax(ids == c.eos_token_id, axis=-1)
 
