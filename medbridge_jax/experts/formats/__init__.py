@@ -24,7 +24,7 @@ from medbridge_jax import jsonfile
 from medbridge_jax.errors import UserError
 
 # Tried in order; the first whose detect() is true reads the folder.
-MODULES = ("hf_clip",)
+MODULES = ("hf_clip", "hf_dinov2", "hf_vlm", "open_clip")
 
 
 @dataclasses.dataclass
