@@ -52,7 +52,8 @@ MERGES = [("\u2581", "a"), ("\u2581", "c"), ("c", "h"), ("s", "t"),
 
 def _gemma_tokenizer(path, max_length):
   """Replaces the folder's sentencepiece tokenizer by a tiny Gemma one,
-  as SigLIP 2 ships it (no bos, eos appended, right padding)."""
+  as SigLIP 2 ships it (no bos, eos appended), with Gemma's left padding
+  as its default: Expert.tokenize must still pad on the right."""
   import transformers  # pylint: disable=g-import-not-at-top
   for f in ("spiece.model", "tokenizer_config.json",
             "special_tokens_map.json"):
@@ -61,7 +62,7 @@ def _gemma_tokenizer(path, max_length):
   tok = transformers.GemmaTokenizer(
       vocab={t: i for i, t in enumerate(VOCAB)}, merges=MERGES,
       add_bos_token=False, add_eos_token=True, model_max_length=max_length,
-      padding_side="right")
+      padding_side="left")
   tok.save_pretrained(path)
 
 
@@ -167,5 +168,6 @@ def test_siglip2_gemma_tokenizer(pair):
 def test_naflex_siglip2_folder_is_refused(tmp_path):
   """A NaFlex folder (model_type "siglip2") is not read as SigLIP."""
   (tmp_path / "config.json").write_text('{"model_type": "siglip2"}')
-  with pytest.raises(UserError, match="siglip2"):
+  with pytest.raises(UserError,
+                     match="siglip2.* NaFlex variant.*fixed-resolution"):
     experts.load(str(tmp_path))

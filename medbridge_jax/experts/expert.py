@@ -133,8 +133,12 @@ class Expert:
     checkpoint's own tokenizer, padded to its max length and truncated."""
     if isinstance(texts, str):
       texts = [texts]
+    # Right padding whatever the tokenizer's default (Gemma's, which SigLIP 2
+    # ships, pads on the left): SigLIP pools the last position and was
+    # trained with padding after the text.
     out = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                         max_length=self.max_length, return_tensors="np")
+                         max_length=self.max_length, padding_side="right",
+                         return_tensors="np")
     ids = np.asarray(out["input_ids"], np.int32)
     mask = out.get("attention_mask")
     mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)

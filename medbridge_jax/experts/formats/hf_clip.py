@@ -39,7 +39,7 @@ def detect(path: str, files) -> bool:
   if "config.json" not in files:
     return False
   raw = jsonfile.read(os.path.join(path, "config.json"), "config.json")
-  return raw.get("model_type") in MODEL_TYPES + TEXT_ONLY
+  return raw.get("model_type") in MODEL_TYPES + TEXT_ONLY + ("siglip2",)
 
 
 def side(value, key: str, path: str) -> int:
@@ -80,6 +80,12 @@ def parse_config(raw: dict, path: str):
   """(VisionConfig, TextConfig or None) from a config.json dict, with
   transformers' defaults for the keys a published file leaves out."""
   model_type = raw.get("model_type")
+  if model_type == "siglip2":
+    raise UserError(
+        f"{path}: model_type 'siglip2' is SigLIP 2's NaFlex variant (any "
+        f"aspect ratio, patches embedded by a Linear, positions resized per "
+        f"image); it is not supported. Use a fixed-resolution SigLIP 2 "
+        f"folder (model_type 'siglip', e.g. google/siglip2-base-patch16-224)")
   if model_type in TEXT_ONLY:
     raise UserError(
         f"{path} describes a text tower alone (model_type {model_type!r}); "
