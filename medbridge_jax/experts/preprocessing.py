@@ -1,7 +1,9 @@
 """The pixel normalisation an expert was trained with.
 
 Hugging Face folders state it in `preprocessor_config.json` (`image_mean`,
-`image_std`); where a folder has none, the family's processor default.
+`image_std`) or, as transformers 5 saves processors, inside
+`processor_config.json`; where a folder has neither, the family's processor
+default.
 """
 
 import os
@@ -38,12 +40,20 @@ def triple(value, key: str, where: str) -> Triple:
 def mean_std(path: str, family: str,
              default: Optional[Tuple[Sequence[float], Sequence[float]]] = None
              ) -> Tuple[Triple, Triple]:
-  """(mean, std) from the folder's preprocessor_config.json, else
-  `default`, else the family's."""
+  """(mean, std) from the folder's preprocessor_config.json, else from the
+  image processor inside processor_config.json (what transformers 5's
+  processors save), else `default`, else the family's."""
   mean, std = default or FAMILY_MEAN_STD[family]
+  where = "the defaults"
   file = os.path.join(path, "preprocessor_config.json")
+  nested = os.path.join(path, "processor_config.json")
+  raw = None
   if os.path.isfile(file):
-    raw = jsonfile.read(file, "preprocessor config")
+    raw, where = jsonfile.read(file, "preprocessor config"), file
+  elif os.path.isfile(nested):
+    raw = jsonfile.read(nested, "processor config").get("image_processor")
+    where = f"image_processor in {nested}"
+  if isinstance(raw, dict):
     mean = raw.get("image_mean", mean)
     std = raw.get("image_std", std)
-  return triple(mean, "image_mean", file), triple(std, "image_std", file)
+  return triple(mean, "image_mean", where), triple(std, "image_std", where)

@@ -173,24 +173,6 @@ def tower_entries(vision: VisionConfig, prefix: str) -> List[Entry]:
   return out
 
 
-def mean_std(path: str, family: str):
-  """preprocessor_config.json's mean and std, else those of the image
-  processor in processor_config.json, else the family's defaults."""
-  file = os.path.join(path, "processor_config.json")
-  default = None
-  if (not os.path.isfile(os.path.join(path, "preprocessor_config.json"))
-      and os.path.isfile(file)):
-    sub = jsonfile.read(file, "processor config").get("image_processor")
-    if isinstance(sub, dict):
-      mean, std = preprocessing.FAMILY_MEAN_STD[family]
-      default = (
-          preprocessing.triple(sub.get("image_mean", mean),
-                               "image_processor.image_mean", file),
-          preprocessing.triple(sub.get("image_std", std),
-                               "image_processor.image_std", file))
-  return preprocessing.mean_std(path, family, default)
-
-
 def vision_config(path: str) -> VisionConfig:
   """The vision tower's config, from config.json alone."""
   cfg_path = os.path.join(path, "config.json")
@@ -208,7 +190,7 @@ def read(path: str) -> Checkpoint:
   found, where = tensors.read(path, SINGLE, INDEX,
                               lambda name: name.startswith(prefix))
   params = names.to_params(found, tower_entries(vision, prefix), where)
-  mean, std = mean_std(path, vision.family)
+  mean, std = preprocessing.mean_std(path, vision.family)
   return Checkpoint(
       family=vision.family, format=NAME, vision=vision, params=params,
       image_mean=mean, image_std=std,
