@@ -13,6 +13,7 @@ Standalone benchmarks, each `python -m medbridge_jax.bench.NAME [flags]`:
   index_speed   the label-file readers on publisher-sized fixtures
   focal_probe   a linear probe: can a frozen expert's features see a finding?
   focal_zoom    which crop side lets a frozen expert see a focal finding
+  expert_sizes  parameters and bf16 weights of the published experts
 
 Nothing is imported here: the input pipeline's spawned workers import
 `input_speed` and need no JAX.
