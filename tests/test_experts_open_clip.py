@@ -84,11 +84,10 @@ def _resized_reference(model, cfg, side):
   """open_clip's model rebuilt for `side`, its position table resized by
   open_clip's own resize_pos_embed (or timm's resample_abs_pos_embed)."""
   if cfg["vision_cfg"].get("timm_model_name"):
-    from timm.layers import resample_abs_pos_embed  # pylint: disable=g-import-not-at-top
     trunk = timm.create_model(cfg["vision_cfg"]["timm_model_name"],
                               pretrained=False, num_classes=0, img_size=side)
     state = dict(model.visual.trunk.state_dict())
-    state["pos_embed"] = resample_abs_pos_embed(
+    state["pos_embed"] = timm.layers.resample_abs_pos_embed(
         state["pos_embed"], [s // 16 for s in side], num_prefix_tokens=1)
     trunk.load_state_dict(state)
     proj = model.visual.head.proj.weight
@@ -171,11 +170,11 @@ def test_scalars_and_preprocessing(built):
   assert expert.image_size == built["sides"][0][0]
 
 
+@pytest.mark.parametrize("built", [CONFIGS[2]], indirect=True,
+                         ids=[CONFIGS[2][0]])
 def test_bert_config_from_tensors_without_its_folder(built, tmp_path):
   """BiomedCLIP's hub folder names a hub BERT that is not on disk: its
   shape comes from the tensors, and the weights are the same."""
-  if not built["cfg"]["text_cfg"].get("hf_model_name"):
-    pytest.skip("native text tower")
   path = built["path"]
   moved = tmp_path / "expert"
   moved.mkdir()
