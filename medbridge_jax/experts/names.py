@@ -83,10 +83,13 @@ def _get(tree: Mapping, path: Path):
 
 
 def to_params(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry],
-              where: Mapping[str, str] = None) -> dict:
-  """Our float32 params from HF tensors; every key and shape checked.
+              where: Mapping[str, str] = None,
+              config_name: str = "config.json") -> dict:
+  """Our float32 params from checkpoint tensors; every key and shape
+  checked.
 
-  `where` maps a tensor name to the file it came from, for the messages.
+  `where` maps a tensor name to the file it came from, and `config_name` is
+  the file that describes the model, for the messages.
   """
   where = where or {}
   entries = list(entries)
@@ -97,7 +100,7 @@ def to_params(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry],
     more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
     raise UserError(f"unexpected tensor {unexpected[0]!r} in "
                     f"{where.get(unexpected[0], 'the checkpoint')}{more}: "
-                    f"it does not belong to the model config.json describes")
+                    f"it does not belong to the model {config_name} describes")
   missing = [e.hf_name for e in entries if e.hf_name not in tensors]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -108,7 +111,7 @@ def to_params(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry],
     if tuple(a.shape) != e.hf_shape:
       raise UserError(
           f"tensor {e.hf_name!r} in {where.get(e.hf_name, 'the checkpoint')} "
-          f"has shape {tuple(a.shape)}; config.json implies {e.hf_shape}")
+          f"has shape {tuple(a.shape)}; {config_name} implies {e.hf_shape}")
     if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
       raise UserError(f"tensor {e.hf_name!r} has dtype {a.dtype}; "
                       f"expected floating point")

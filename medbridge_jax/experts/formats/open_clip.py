@@ -441,7 +441,7 @@ def read(path: str) -> Checkpoint:
     text, text_entries, found = _text(path, layout, found, where)
     entries += text_entries + _scalar_entries(found)
     text_class = bert.BertTower if layout.hf_text else TextTower
-  params = names.to_params(found, entries, where)
+  params = names.to_params(found, entries, where, CONFIG)
   return Checkpoint(
       family=NAME, format=NAME, vision=layout.vision, params=params,
       image_mean=mean, image_std=std, text=text, text_class=text_class,
