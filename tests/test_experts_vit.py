@@ -192,3 +192,24 @@ def test_bicubic_matrix_matches_torch():
     got = positions.resize(jnp.asarray(table.reshape(25, 7)), (5, 5), new)
     np.testing.assert_allclose(np.asarray(got).reshape(*new, 7), ref,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["class", "mean", "map"])
+def test_pool_tokens_is_each_token_pooled_alone(pooling):
+  """A query token through the tower's pooling: for mean pooling over the
+  patch tokens of a tower with a class token (timm's and open_clip's
+  "avg"), the token itself, as if it were the only patch token."""
+  family = "siglip" if pooling == "map" else "clip"
+  tower = _tower(family, class_token=pooling != "map", pooling=pooling,
+                 use_head=pooling == "map")
+  v = tower.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  q = jax.random.normal(jax.random.PRNGKey(1), (3, 32))
+  got = tower.apply(v, q, method="pool_tokens")
+  assert np.all(np.isfinite(np.asarray(got)))
+  if pooling == "mean":
+    # A class token in front, then the query as the one patch token.
+    seq = jnp.stack([jnp.zeros_like(q), q], axis=1)
+  else:
+    seq = q[:, None]
+  want = tower.apply(v, seq, method="pool")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)

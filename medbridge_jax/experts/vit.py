@@ -293,6 +293,15 @@ class VisionTower(nn.Module):
     `differentiated`: a training step backpropagates through this pooling
     (see layers.choose_attention).
     """
+    return self._pool(tokens, differentiated, self.config.num_prefix_tokens)
+
+  def pool_tokens(self, tokens: Array, differentiated: bool = False) -> Array:
+    """(B, D) single tokens (e.g. query tokens) through the same post-norm,
+    pooling and projection as the image features, each as a one-token
+    sequence: with mean pooling, the token itself."""
+    return self._pool(tokens[:, None], differentiated, 0)
+
+  def _pool(self, tokens: Array, differentiated: bool, skip: int) -> Array:
     c = self.config
     x = jnp.asarray(tokens, self.dtype)
     if c.pooling == "class":
@@ -302,7 +311,7 @@ class VisionTower(nn.Module):
       # Without a head transformers has no pooled output; the mean of the
       # patch tokens is the usual stand-in (big_vision's "gap").
       x = (self.head(x, differentiated) if c.pooling == "map"
-           else x[:, c.num_prefix_tokens:].mean(axis=1))
+           else x[:, skip:].mean(axis=1))
     return self.projection(x) if c.projection_dim else x
 
   def __call__(self, pixels: Array, output_hidden_states: bool = False,

@@ -88,8 +88,8 @@ class QueryEncoder(nn.Module):
     summary = tower.pool(tokens, differentiated=not frozen)
     if frozen:
       summary = jax.lax.stop_gradient(summary)
-    pooled = tower.pool(extra.reshape(b * self.num_queries, 1, d),
-                        differentiated=True)
+    pooled = tower.pool_tokens(extra.reshape(b * self.num_queries, d),
+                               differentiated=True)
     pooled = pooled.reshape(b, self.num_queries, -1)
     out = jnp.concatenate([pooled, summary[:, None, :]], axis=1)
     return out.astype(jnp.float32)
