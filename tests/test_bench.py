@@ -298,3 +298,19 @@ def test_bf16_frozen_stream_keeps_float32_params():
   assert len(heavy) > 10
   for e in heavy:
     assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
+
+
+def test_pipeline_shards_read_what_the_raw_files_decode_to(tmp_path):
+  """The "shards" measurement times records equal to decoding the data
+  set's own files at the working side (what the pipeline would read)."""
+  from medbridge_jax.bench import input_speed  # pylint: disable=g-import-not-at-top
+  from medbridge_jax.data import images, tfds_builders  # pylint: disable=g-import-not-at-top
+  data_dir = input_speed.write_shards(str(tmp_path), 64)
+  index = tfds_builders.prepared_index("synthetic", data_dir, "train", 64)
+  root = os.path.join(str(tmp_path), "generated")
+  root = os.path.join(root, os.listdir(root)[0])
+  n, read = input_speed._reader(data_dir, 64)  # pylint: disable=protected-access
+  assert n == len(index) > 0
+  for i in (0, n - 1):
+    want = images.read_image(os.path.join(root, index.paths[i]), 64)
+    np.testing.assert_array_equal(read(i), want)

@@ -14,7 +14,9 @@ Measurements (--what, comma-separated, or "all"), in this order:
             loss, backward, AdamW;
   eval      the project's evaluation step (evaluate.make_model_fn): every
             sliding window, so N is larger than in training;
-  pipeline  decode + resize + augment of --input_size px PNG/JPEG files with
+  pipeline  decode + resize + augment of --input_size px PNG/JPEG files (or,
+            with --pipeline_source=shards, records of ArrayRecord shards
+            prepared at --image_size) with
             the data pipeline's own functions, per CPU worker.
 train and eval need forward (their overhead ratio) and forward needs matmul
 (its ceiling): asking for one measures what it needs too.
@@ -82,6 +84,10 @@ _PIPELINE_IMAGES = flags.DEFINE_integer(
     "pipeline_images", 64, "Images each pipeline worker times.")
 _INPUT_SIZE = flags.DEFINE_integer(
     "input_size", 1024, "Side of the pipeline's fixture files (px).")
+_PIPELINE_SOURCE = flags.DEFINE_enum(
+    "pipeline_source", "files", ["files", "shards"],
+    "What the pipeline measurement reads: --input_size px PNG/JPEG files, "
+    "or ArrayRecord shards prepared at --image_size.")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 0, "Stored image side H = W fed to the train/eval steps "
     "and made by the pipeline; 0: the default config's.")
@@ -103,7 +109,8 @@ def main(argv):
         warmup=_WARMUP.value, what=_WHAT.value,
         pipeline_workers=_PIPELINE_WORKERS.value,
         pipeline_images=_PIPELINE_IMAGES.value, input_size=_INPUT_SIZE.value,
-        image_size=_IMAGE_SIZE.value, attention=_ATTENTION.value,
+        image_size=_IMAGE_SIZE.value,
+        pipeline_source=_PIPELINE_SOURCE.value, attention=_ATTENTION.value,
         matmul_size=_MATMUL_SIZE.value):
       print(json.dumps(rec), flush=True)
 

@@ -79,6 +79,7 @@ def run(*, expert: str = "tiny", batch: int = 32, dtype: str = "float32",
         steps: int = 10, warmup: int = 2, what: str = "all",
         pipeline_workers: int = 0, pipeline_images: int = 64,
         input_size: int = 1024, image_size: int = 0,
+        pipeline_source: str = "files",
         attention: str = "auto", matmul_size: int = 0) -> Iterator[dict]:
   """Yields one record per measurement, as soon as it is measured."""
   names = parse_what(what)
@@ -99,7 +100,7 @@ def run(*, expert: str = "tiny", batch: int = 32, dtype: str = "float32",
     yield from _model(context, names, config)
   if "pipeline" in names:
     yield _pipeline(context, int(config.data.image_size), pipeline_workers,
-                    pipeline_images, input_size)
+                    pipeline_images, input_size, pipeline_source)
 
 
 def _matmul(context: _Context, size: int, dtype: str) -> dict:
@@ -159,13 +160,20 @@ def _model_step(context: _Context, setup: model_steps.Setup, name: str,
 
 
 def _pipeline(context: _Context, image_size: int, workers: int, images: int,
-              input_size: int) -> dict:
-  """Decode + resize + augment images/s on fixture files of `input_size`."""
+              input_size: int, source: str = "files") -> dict:
+  """Read + augment images/s: decode + resize of fixture files of
+  `input_size` ("files"), or records of shards prepared at `image_size`
+  ("shards")."""
   with tempfile.TemporaryDirectory(prefix="medbridge-bench-") as tmp:
-    paths = input_speed.write_fixtures(tmp, input_size)
-    result = input_speed.measure(paths, image_size, workers, images)
+    if source == "shards":
+      data = input_speed.write_shards(tmp, image_size)
+      input_size = image_size
+    else:
+      data = input_speed.write_fixtures(tmp, input_size)
+    result = input_speed.measure(data, image_size, workers, images)
   per_worker = result["images_per_s_per_worker"]
   fields = dict(workers=result["workers"], input_size=input_size,
+                source=source,
                 images_per_s=_round(result["images_per_s"], 2),
                 images_per_s_per_worker=_round(per_worker, 2),
                 transfer_guard=None)
