@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one script (~5-8 minutes on one H200).
+# The GPU benchmark as one script (about 5-8 minutes on one H200).
 #
-# CLIP ViT-B/16 at 224 px (random weights), bf16 frozen stream, batch 256,
-# N views and K experts of the default config (N=5 training views, every
-# sliding window in evaluation, K=2): matmul ceiling, frozen forward (cuDNN
-# attention under attention_impl=auto), MedBridge train and eval steps; the
-# forward again with XLA attention for comparison; the input pipeline on 16
-# CPU worker processes (1024 px PNG/JPEG -> 256 px, augmented).
+# Measures, on this machine's first GPU: the bf16 matmul ceiling; the frozen
+# forward of a CLIP ViT-B/16 at 224 px (random weights), batch 256, with the
+# attention MedBridge picks (model.attention_impl=auto: cuDNN on NVIDIA GPUs)
+# and again with XLA's; MedBridge's train and eval steps with the default
+# views and experts (N = 5 training views, every sliding window at
+# evaluation, K = 2), each against its N x K frozen forwards; and the input
+# pipeline on the machine's CPU cores (1024 px PNG/JPEG -> 256 px, augmented,
+# and records of prepared ArrayRecord shards).
 #
-# From a session with the GPU, in the repo root:
-#   bash launch/fetch_wheels.sh      # here, once: grain, ml_collections...
-#   run(command="bash launch/bench_h200.sh", carry=[".whl"], timeout_s=600)
-# JSON lines go to stdout and to $OUT/bench_h200.jsonl; the full log to
-# $OUT/bench_h200.log. They are the numbers for README's performance table.
+# Usage, in the repository root of an installed checkout (pip install -e .):
+#   bash launch/bench_h200.sh            # OUT=/tmp/bench_out by default
+# JSON lines go to stdout and to $OUT/bench_h200.jsonl, the full log to
+# $OUT/bench_h200.log; README's performance table reads them. On a machine
+# without the package index and without grain or ml_collections installed,
+# put their wheels in .whl/ first (launch/fetch_wheels.sh, run where pip
+# can reach an index); the script installs them under /tmp/site.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -58,7 +62,9 @@ read -ra B16 <<<"${BENCH_FLAGS:---expert=vit_b16 --batch=256 \
 bench 330 "${B16[@]}" --what=train,eval
 # The forward with XLA attention: what cuDNN buys.
 bench 120 "${B16[@]}" --what=forward --attention=xla
-# The input pipeline on the machine's 16 cores (CPU only).
+# The input pipeline on the machine's cores (CPU only): files, then shards.
 bench 90 "${B16[@]}" --what=pipeline --pipeline_images=200 \
-  --pipeline_workers="${BENCH_WORKERS:-16}" --input_size=1024
+  --pipeline_workers="${BENCH_WORKERS:-$(nproc)}" --input_size=1024
+bench 120 "${B16[@]}" --what=pipeline --pipeline_images=200 \
+  --pipeline_workers="${BENCH_WORKERS:-$(nproc)}" --pipeline_source=shards
 echo "== done: $(wc -l <"$JSONL") JSON lines" | tee -a "$LOG"
