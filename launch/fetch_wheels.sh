@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Downloads, into .whl/ (ignored by git), the Python 3.12 wheels the H200
-# machine lacks (shared NOTES: it has jax, flax, optax, orbax, Pillow, absl,
-# PyYAML, protobuf, cloudpickle, etils, psutil, but no grain or
-# ml_collections). Run once where pip can reach the package index, before
-# launch/bench_h200.sh travels with `carry: [".whl"]`.
+# Downloads, into .whl/ (ignored by git), Python 3.12 wheels of what a GPU
+# machine with only JAX's own stack (jax, flax, optax, orbax, Pillow, absl,
+# PyYAML, protobuf, cloudpickle, etils, psutil) lacks for the benchmark:
+# grain and ml_collections. Run once where pip can reach the package index,
+# then copy the checkout with its .whl/ to the GPU machine;
+# launch/bench_h200.sh installs them there.
 #
 #   ml_collections  imported by the model and the configs
 #   grain           imported by the data pipeline (pipeline.Augment)
