@@ -387,8 +387,9 @@ def _random_expert_geometry(config: ml_collections.ConfigDict
   specs = from_config.as_list(config.random_experts,
                                 "config.random_experts")
   if not specs:
-    raise UserError("no experts: set config.experts to Hugging Face "
-                    "CLIP/SigLIP folders or config.random_experts to specs")
+    raise UserError("no experts: set config.experts to expert folders "
+                    "(CLIP, SigLIP, open_clip, DINOv2, a VLM) or "
+                    "config.random_experts to specs")
   out = []
   for k, spec in enumerate(specs):
     try:

@@ -51,7 +51,8 @@ def get_default() -> ml_collections.ConfigDict:
   c.data.synthetic.focal_contrast = 1.0  # x the focal findings' contrast.
 
   # ---- Experts --------------------------------------------------------------
-  # Hugging Face checkpoint folders of CLIP or SigLIP models. Empty: small
+  # Expert folders as their publishers ship them (Hugging Face CLIP, SigLIP,
+  # DINOv2 or VLM folders, open_clip folders; README lists them). Empty: small
   # random experts described by `random_experts` (briefly pre-trained on a
   # generic task, see PRETRAIN_STEPS) are written once to the cache and
   # loaded through the same loader.

@@ -283,8 +283,8 @@ def test_switches_off_skip_the_ranges_they_make_moot():
      "config.random_experts[0]: random expert spec "
      "'clip:width=64,layers=4,heads=4,patch=8': missing image="),
     ({"random_experts": (), "experts": ()},
-     "no experts: set config.experts to Hugging Face CLIP/SigLIP folders or "
-     "config.random_experts to specs"),
+     "no experts: set config.experts to expert folders (CLIP, SigLIP, "
+     "open_clip, DINOv2, a VLM) or config.random_experts to specs"),
     ({"zero_shot.positive": "a chest x-ray showing {labels}"},
      "config.zero_shot.positive='a chest x-ray showing {labels}' must hold "
      "{label} (and no other {...})"),

@@ -82,8 +82,8 @@ def expert_paths(config: ml_collections.ConfigDict) -> tuple[list[str], bool]:
   specs = as_list(config.random_experts, "config.random_experts")
   if not specs:
     raise errors.UserError(
-        "no experts: set config.experts to Hugging Face CLIP/SigLIP folders "
-        "or config.random_experts to specs")
+        "no experts: set config.experts to expert folders (CLIP, SigLIP, "
+        "open_clip, DINOv2, a VLM) or config.random_experts to specs")
   # Random experts stand in for fixed pretrained models: their seeds are their
   # positions, not config.seed, so every training seed sees the same experts.
   return [random_expert_folder(s, i) for i, s in enumerate(specs)], True
