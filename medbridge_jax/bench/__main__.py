@@ -45,6 +45,20 @@ images_per_s_per_worker and input_size.
 Timing: --warmup calls (the first compiles), then --steps calls, each
 blocked on, under jax.transfer_guard("disallow") with every input already
 on the device; step_ms is their median.
+
+--plan measures nothing but the matmul ceiling: it compiles the train and
+eval steps of real configurations ahead of time from shapes alone
+(bench/plan.py has its fields), one JSON line per configuration, image
+size and step (name "plan"), then with --plan_format=markdown a table:
+
+  python -m medbridge_jax.bench --plan --plan_format=markdown
+  python -m medbridge_jax.bench --plan --plan_configs=b16_224 \
+      --image_size=1024 --batch=16
+
+--plan_configs (plan.CONFIGS, or all), --batch (training images per
+device), --plan_eval_batch (0: the default config's), --image_size (0:
+1024 and 2048), --dtype (bfloat16 unless given), --attention,
+--matmul_size, --steps and --warmup (the ceiling) and --plan_reserve.
 """
 
 import json
@@ -55,6 +69,7 @@ from absl import flags
 
 from medbridge_jax import errors
 from medbridge_jax.bench import harness
+from medbridge_jax.bench import plan
 
 PROGRAM = "medbridge_jax.bench"
 
@@ -97,12 +112,48 @@ _ATTENTION = flags.DEFINE_enum(
 _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", 0, "n of the ceiling matmul; 0: 8192 on accelerators, "
     "1024 on CPU.")
+_PLAN = flags.DEFINE_bool(
+    "plan", False, "Plan real configurations ahead of time from shapes "
+    "alone (bench/plan.py) instead of measuring the model.")
+_PLAN_CONFIGS = flags.DEFINE_string(
+    "plan_configs", "all", "Comma-separated subset of "
+    f"{','.join(plan.CONFIGS)}, or all.")
+_PLAN_FORMAT = flags.DEFINE_enum(
+    "plan_format", "json", ["json", "markdown"],
+    "json: the JSON lines; markdown: the JSON lines, then a table.")
+_PLAN_EVAL_BATCH = flags.DEFINE_integer(
+    "plan_eval_batch", 0, "Evaluation images per device in the plan; 0: the "
+    "default config's eval batch.")
+_PLAN_RESERVE = flags.DEFINE_float(
+    "plan_reserve", plan.RESERVE, "Fraction of each GPU's memory the plan "
+    "keeps free when it fits a batch.")
+
+
+def _plan(argv) -> None:
+  """--plan: one JSON line per planned step, then the table if asked."""
+  sizes = (_IMAGE_SIZE.value,) if _IMAGE_SIZE.value else plan.IMAGE_SIZES
+  records = []
+  for rec in plan.run(
+      names=plan.parse_configs(_PLAN_CONFIGS.value), image_sizes=sizes,
+      train_batch=_BATCH.value, eval_batch=_PLAN_EVAL_BATCH.value,
+      dtype=_DTYPE.value if _DTYPE.present else "bfloat16",
+      attention=_ATTENTION.value, reserve=_PLAN_RESERVE.value,
+      matmul_size=_MATMUL_SIZE.value, steps=_STEPS.value,
+      warmup=_WARMUP.value, command=" ".join(["python -m", PROGRAM] +
+                                             argv[1:])):
+    records.append(rec)
+    print(json.dumps(rec), flush=True)
+  if _PLAN_FORMAT.value == "markdown":
+    print("\n" + plan.markdown(records), flush=True)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   with errors.exit_on_user_error(PROGRAM):
+    if _PLAN.value:
+      _plan(sys.argv)
+      return
     for rec in harness.run(
         expert=_EXPERT.value, batch=_BATCH.value, dtype=_DTYPE.value,
         views=_VIEWS.value, num_experts=_EXPERTS.value, steps=_STEPS.value,
