@@ -21,6 +21,14 @@ Layouts (`variant`):
     Finding"), train_val_list.txt, test_list.txt (20% of the patients), PNGs
     in images_001/images/.
 
+Both variants also write where each drawn finding is (`BOX_FILE`, in NIH's
+BBox_List_2017.csv layout; `synthetic_draw.finding_boxes` says what each box
+covers), for every image of every split, under the variant's label names:
+root/BBox_List_2017.csv with file names as Image Index (nih), or
+root/CheXpert-v1.0-small/BBox_List_2017.csv with the paths train.csv uses
+(chexpert). `boxes.py` reads them. The boxes are the truth even where a
+training label, written as a labeler would, misses or doubts the finding.
+
 `ensure()` generates once into a cache folder named by every parameter and
 `GENERATOR_VERSION` (the dose knobs only when not 1.0, so the default data
 keeps its folder), writes a completion marker last and reuses thereafter.
@@ -59,6 +67,10 @@ LABEL_GROUPS = {
 }
 CHEXPERT_FOLDER = "CheXpert-v1.0-small"
 NIH_ENTRY_FILE = "Data_Entry_2017_v2020.csv"
+BOX_FILE = "BBox_List_2017.csv"
+# NIH's header as published: "Bbox [x,y,w,h]" unquoted, so four columns, and
+# three empty ones after them; the rows end in three empty fields too.
+BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 VALID_FRACTION = 0.15  # chexpert variant: patients in valid.csv
 TEST_FRACTION = 0.1  # chexpert variant: patients in test_labels.csv
 NIH_TEST_FRACTION = 0.2  # nih variant: patients in test_list.txt
@@ -125,6 +137,7 @@ def _write_chexpert(out_dir, num_patients, seed, size, dose):
   held = _held_out(num_patients, seed, "chexpert",
                    {"valid": VALID_FRACTION, "test": TEST_FRACTION})
   rows = {"train": [], "valid": [], "test": []}
+  boxes = []
   for patient, study, rng in draw.studies(num_patients, seed, "chexpert"):
     split = held.get(patient.pid, "train")
     rel = (f"{split}/patient{patient.pid:05d}/study{study.index + 1}/"
@@ -133,6 +146,8 @@ def _write_chexpert(out_dir, num_patients, seed, size, dose):
     path = os.path.join(base, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(draw.to_uint8(image), "L").save(path, quality=95)
+    boxes += _box_rows(f"{CHEXPERT_FOLDER}/{rel}", patient, study, size,
+                       "chexpert", dose)
     codes = (draw.reported_labels(study, rng) if split == "train"
              else draw.true_labels(study))
     rows[split].append(_chexpert_row(split, rel, patient, study, codes))
@@ -144,6 +159,7 @@ def _write_chexpert(out_dir, num_patients, seed, size, dose):
       w = csv.writer(f, lineterminator="\n")
       w.writerow(header)
       w.writerows(rows[split])
+  _write_boxes(os.path.join(base, BOX_FILE), boxes)
 
 
 def _chexpert_row(split: str, rel: str, patient: draw.Patient,
@@ -169,7 +185,7 @@ def _fmt(code: float) -> str:
 
 def _write_nih(out_dir, num_patients, seed, size, dose):
   held = _held_out(num_patients, seed, "nih", {"test": NIH_TEST_FRACTION})
-  entries, lists = [], {"train_val": [], "test": []}
+  entries, lists, boxes = [], {"train_val": [], "test": []}, []
   spacing = f"{0.143 * 1024 / size:.3f}"
   count = 0
   for patient, study, _ in draw.studies(num_patients, seed, "nih"):
@@ -180,6 +196,7 @@ def _write_nih(out_dir, num_patients, seed, size, dose):
     image, _ = draw.render(patient, study, size, "nih", **dose)
     Image.fromarray(draw.to_uint8(image), "L").save(
         os.path.join(out_dir, folder, name), compress_level=1)
+    boxes += _box_rows(name, patient, study, size, "nih", dose)
     found = sorted(NIH_NAMES[n] for n in draw.LABELS
                    if study.truth[n] is not None)
     entries.append([name, "|".join(found) or "No Finding", str(study.index),
@@ -196,6 +213,22 @@ def _write_nih(out_dir, num_patients, seed, size, dose):
   for split, names in lists.items():
     with open(os.path.join(out_dir, f"{split}_list.txt"), "w") as f:
       f.write("".join(n + "\n" for n in names))
+  _write_boxes(os.path.join(out_dir, BOX_FILE), boxes)
+
+
+def _box_rows(key: str, patient: draw.Patient, study: draw.Study, size: int,
+              variant: str, dose: dict) -> list[str]:
+  """BOX_FILE lines of one image's drawn findings, under the variant's
+  label names."""
+  rename = (lambda n: n) if variant == "chexpert" else NIH_NAMES.get
+  return [f"{key},{rename(label)},{x},{y},{w},{h},,,"
+          for label, x, y, w, h in draw.finding_boxes(
+              patient, study, size, variant, dose["focal_scale"])]
+
+
+def _write_boxes(path: str, lines: list[str]) -> None:
+  with open(path, "w") as f:
+    f.write("".join(l + "\n" for l in [BOX_HEADER] + lines))
 
 
 def cache_name(num_patients: int, seed: int, variant: str, image_size: int,

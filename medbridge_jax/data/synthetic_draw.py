@@ -472,6 +472,16 @@ def _blur(a: np.ndarray) -> np.ndarray:
 
 def _disk(img, nx, ny, radius, contrast, study, size):
   """Adds an antialiased sharp disk at anatomical (nx, ny); returns where."""
+  row, col, rows, cols, cover = _disk_cover(nx, ny, radius, study, size)
+  if cover is not None:
+    img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] += contrast * cover
+  return row, col, radius
+
+
+def _disk_cover(nx, ny, radius, study, size):
+  """(row, col) of a disk's centre in pixel-centre coordinates, the pixel
+  rows and columns of the window around it, and its coverage there (None
+  when the window is empty)."""
   dx, dy = study.shift
   ca, sa = math.cos(study.angle), math.sin(study.angle)
   ax, ay = nx - 0.5, ny - 0.5
@@ -482,11 +492,82 @@ def _disk(img, nx, ny, radius, contrast, study, size):
   k = int(math.ceil(radius)) + 2
   rows = np.arange(max(0, r0 - k), min(size, r0 + k + 1))
   cols = np.arange(max(0, c0 - k), min(size, c0 + k + 1))
-  if rows.size and cols.size:
-    d = np.sqrt((rows[:, None] - row) ** 2 + (cols[None, :] - col) ** 2)
-    cover = np.clip(radius + 0.5 - d, 0, 1)
-    img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] += contrast * cover
-  return row, col, radius
+  if not (rows.size and cols.size):
+    return row, col, rows, cols, None
+  d = np.sqrt((rows[:, None] - row) ** 2 + (cols[None, :] - col) ** 2)
+  return row, col, rows, cols, np.clip(radius + 0.5 - d, 0, 1)
+
+
+# ---------------------------------------------------------------------------
+# Where the findings are: the ground truth for localisation.
+
+
+def finding_boxes(patient: Patient, study: Study, size: int = 256,
+                  variant: str = "chexpert", focal_scale: float = 1.0
+                  ) -> list[tuple[str, int, int, int, int]]:
+  """[(label, x, y, width, height)] of each drawn finding, in pixels of the
+  (size, size) image (x, y: the top-left pixel's column and row), labels
+  under their CheXpert names.
+
+  A box is the bounding box of pixels on the image's own grid:
+    Cardiomegaly      the heart ellipse (rho < 1), where the label is
+                      positive;
+    Pleural Effusion  one per side: the fluid below its level inside the
+                      lung field;
+    Lung Lesion       one per nodule: the pixels its disk covers (after the
+                      NIH variant's one-pixel blur), the only pixels that
+                      differ from the image without it;
+    Pneumothorax      the region beyond the visceral pleural line (to the
+                      lateral lung border, down to `extent`) with the line.
+  Soft-edged regions are cut where their sigmoids cross 0.5. Edema, a haze
+  over both lungs, has no box.
+  """
+  boxes = []
+  if patient.cardiomegaly or study.effusion or study.pneumothorax:
+    x, y = _grid(patient, study, size)
+    g = _Lungs(patient, study, x, y)
+    lung = (g.t > g.med) & (g.t < g.lat) & (y < g.bottom) & (g.v > -0.05)
+    if patient.cardiomegaly:
+      hw = patient.ctr * patient.half_width
+      hh = patient.heart_height * 1.12
+      hx = patient.cx + 0.4 * hw
+      hy = patient.dome_left + study.breath + 0.02 - hh
+      boxes.append(("Cardiomegaly", ((x - hx) / hw) ** 2
+                    + ((y - hy) / hh) ** 2 < 1))
+    for eside, eh in study.effusion:
+      level = g.bottom - eh * (0.45 + 0.8 * g.frac * np.sqrt(g.frac))
+      boxes.append(("Pleural Effusion",
+                    (y > level) & lung & (g.side == eside)))
+  masks = [(label, _mask_box(mask)) for label, mask in boxes]
+  if study.show_nodules:
+    blur = 1 if variant == "nih" else 0
+    for nx, ny, radius, _ in patient.nodules:
+      _, _, rows, cols, cover = _disk_cover(
+          nx, ny, radius * focal_scale * size / _REF, study, size)
+      if cover is None or not (cover > 0).any():
+        continue
+      r = rows[(cover > 0).any(axis=1)]
+      c = cols[(cover > 0).any(axis=0)]
+      r0, c0 = max(0, r[0] - blur), max(0, c[0] - blur)
+      r1, c1 = min(size, r[-1] + 1 + blur), min(size, c[-1] + 1 + blur)
+      masks.append(("Lung Lesion", (c0, r0, c1 - c0, r1 - r0)))
+  if study.pneumothorax:
+    pside, depth, extent = study.pneumothorax[:3]
+    beyond = ((g.t > g.lat - depth) & lung & (g.side == pside)
+              & (g.v < extent))
+    line = _pleural_line(patient, study, size, focal_scale) > 0.5
+    masks.append(("Pneumothorax", _mask_box(beyond | line)))
+  return [(label, *box) for label, box in masks if box is not None]
+
+
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+  """(x, y, width, height) of a boolean mask's pixels, None if empty."""
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(
+      mask.any(axis=0))
+  if not rows.size:
+    return None
+  return (int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1),
+          int(rows[-1] - rows[0] + 1))
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:
