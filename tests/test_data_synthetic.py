@@ -192,7 +192,8 @@ def _files_hash(root):
   h = hashlib.sha256()
   for folder, _, names in sorted(os.walk(root)):
     for name in sorted(names):
-      if name == ".complete":  # Holds the generation time.
+      # .complete holds the generation time; the boxes are checked on their own.
+      if name in (".complete", synthetic.BOX_FILE):
         continue
       path = os.path.join(folder, name)
       h.update(os.path.relpath(path, root).encode())
