@@ -29,7 +29,9 @@ def test_three_mixed_experts_train_and_report(cache, tmp_path):
   folders = (mixed_experts.clip_folder(str(tmp_path / "clip")),
              mixed_experts.dinov2_folder(str(tmp_path / "dino")),
              mixed_experts.open_clip_timm_bert_folder(str(tmp_path / "oc")))
-  config = tiny_run.tiny_config(**{"experts": folders})
+  # bf16 compute rides along: every family's towers run in it.
+  config = tiny_run.tiny_config(**{"experts": folders,
+                                   "model.compute_dtype": "bfloat16"})
   workdir = str(tmp_path / "run")
   record = train.train_and_evaluate(config, workdir)
   assert set(record["zero_shot"]) == {"clip", "oc"}
