@@ -271,6 +271,10 @@ def test_markdown_table():
   header = [l for l in table.splitlines() if l.startswith("| config")][0]
   rule = table.splitlines()[table.splitlines().index(header) + 1]
   assert header.count("|") == rule.count("|")
+  rec.update(images_per_s_bound=22512.4)
+  assert plan.markdown([rec]).endswith("| 22,512 |")
+  rec.update(images_per_s_bound=0.0012596)
+  assert plan.markdown([rec]).endswith("| 0.00126 |")
 
 
 def test_bad_names_and_batches():

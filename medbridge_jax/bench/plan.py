@@ -351,6 +351,14 @@ def _gib(x: float) -> str:
   return f"{x / 2**30:,.1f}"
 
 
+def _rate(x: Optional[float]) -> str:
+  """Images/s: whole above 100, else three significant digits (a CPU's
+  bound is a fraction of one)."""
+  if x is None:
+    return "-"
+  return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def markdown(records: Sequence[dict]) -> str:
   """A markdown table of `run`'s records, headed by command, machine, date
   and device."""
@@ -373,11 +381,10 @@ def markdown(records: Sequence[dict]) -> str:
       "| --- " * (9 + len(GPU_GB)) + "|"]
   for r in records:
     fits = " | ".join(str(r[f"max_batch_{gb}gb"]) for gb in GPU_GB)
-    bound = r["images_per_s_bound"]
     lines.append(
         f"| {r['config']} | {r['image_size']} | {r['step']} | {r['batch']} | "
         f"{' + '.join(str(v) for v in r['views'])} | "
         f"{r['flops_per_image'] / 1e9:,.1f} | {_gib(r['peak_bytes'])} | "
         f"{r['bytes_per_image'] / 2**20:,.0f} | {fits} | "
-        f"{'-' if bound is None else f'{bound:,.2f}'} |")
+        f"{_rate(r['images_per_s_bound'])} |")
   return "\n".join(lines)
