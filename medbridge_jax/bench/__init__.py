@@ -7,6 +7,8 @@ measurement; `__main__.py` has its flags and fields):
   timing        timed iterations, compile counting, device facts
   model_steps   the frozen forward, MedBridge train and eval steps to time
   input_speed   decode + resize + augment throughput of the input pipeline
+  plan          real configurations compiled ahead of time from shapes
+                (--plan): views, FLOPs, memory, batch fit
 
 Standalone benchmarks, each `python -m medbridge_jax.bench.NAME [flags]`:
   decode_speed  DICOM decoding and shard-record preparation per image
