@@ -144,11 +144,12 @@ def encoder_layers(hf: str, ours: names.Path, n: int, d: int,
   return out
 
 
-def vision_entries(c: VisionConfig, prefix: str = "") -> List[Entry]:
-  """The vision tower's tensors; `prefix` is where a VLM keeps the tower
-  (e.g. "vision_tower.")."""
+def vision_entries(c: VisionConfig, root: str = "vision_model."
+                   ) -> List[Entry]:
+  """The vision tower's tensors, named under `root` (where a VLM keeps the
+  tower: e.g. "vision_tower.vision_model." or "vision_tower.")."""
   d, p, v = c.hidden_size, c.patch_size, ("vision",)
-  m = prefix + "vision_model"
+  m = root[:-1]
   e = m + ".embeddings"
   num_pos = c.grid * c.grid + c.num_position_prefix
   out = [Entry(e + ".patch_embedding.weight", (d, c.num_channels, p, p),

@@ -17,7 +17,6 @@ no projection); a SigLIP tower without its head: the mean of its
 post-layernormed final tokens; with the head: its pooler output.
 """
 
-import dataclasses
 import os
 import re
 from typing import List, Sequence, Tuple
@@ -59,8 +58,6 @@ INDEX = "model.safetensors.index.json"
 # transformers 5 saves (the CLIP/SigLIP vision model's prefix dropped).
 PREFIX = re.compile(r"(model\.)?vision_tower\.(vision_model\.)?")
 ANCHOR = "embeddings.patch_embedding.weight"
-# The prefix hf_clip.vision_entries writes, replaced by the folder's.
-BASE = "vision_tower.vision_model."
 
 
 def detect(path: str, files) -> bool:
@@ -166,11 +163,7 @@ def check_head(vision: VisionConfig, all_names: Sequence[str], prefix: str,
 
 def tower_entries(vision: VisionConfig, prefix: str) -> List[Entry]:
   """hf_clip's vision-tower entries under the folder's `prefix`."""
-  out = []
-  for e in hf_clip.vision_entries(vision, prefix="vision_tower."):
-    assert e.hf_name.startswith(BASE), e.hf_name
-    out.append(dataclasses.replace(e, hf_name=prefix + e.hf_name[len(BASE):]))
-  return out
+  return hf_clip.vision_entries(vision, root=prefix)
 
 
 def vision_config(path: str) -> VisionConfig:
