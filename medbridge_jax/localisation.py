@@ -25,9 +25,9 @@ the union of the label's boxes (letterbox padding counts: the map covers it),
 averaged over the pairs.
 
 IoU hit: the map is binarised at `fraction` of its range (pixels >= min +
-fraction * (max - min), so an offset or negative map binarises as its
-min-max rescaling does; ChestX-ray8 thresholds heatmaps rescaled to
-[0, 255] too); the predicted box is the bounding box of all those pixels (no
+fraction * (max - min): the min-max rescaled map thresholded at
+`fraction`, so an offset or negative map binarises like a non-negative one);
+the predicted box is the bounding box of all those pixels (no
 connected-component step: a map split between two places gets one large box,
 which can only lower its IoU). A hit where the IoU (in pixels, inclusive
 bounds) with any box of the label is >= `iou`. The default 0.1 is the lowest
@@ -164,9 +164,8 @@ def boxes_for(index: index_lib.Index, boxes: boxes_lib.Boxes,
       hw_of[box.image] = boxes_lib.image_hw(
           os.path.join(index.root, box.image))
     if hw_of[box.image] is None:
-      raise UserError(f"{box.where()}: the size of {box.image} is unknown (no "
-                      f"readable image file under {index.root}); give it in "
-                      "sizes")
+      raise UserError(f"{box.where()}: the size of {box.image} is unknown: "
+                      f"no readable image file under {index.root}")
     pixels = pixel_box(boxes_lib.scale_to(box, hw_of[box.image], size[0]),
                        size)
     for i in rows:
