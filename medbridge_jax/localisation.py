@@ -28,11 +28,12 @@ IoU hit: the map is binarised at `fraction` of its range (pixels >= min +
 fraction * (max - min): the min-max rescaled map thresholded at
 `fraction`, so an offset or negative map binarises like a non-negative one);
 the predicted box is the bounding box of all those pixels (no
-connected-component step: a map split between two places gets one large box,
-which can only lower its IoU). A hit where the IoU (in pixels, inclusive
+connected-component step, so no choice of component: a map split between two
+places gets one box spanning both). A hit where the IoU (in pixels, inclusive
 bounds) with any box of the label is >= `iou`. The default 0.1 is the lowest
-T(IoU) of the 0.1 to 0.7 that ChestX-ray8 (Wang et al. 2017) reports and the
-one its successors quote most: maps from image-level training are coarse.
+of the T(IoU) thresholds 0.1 to 0.7 that ChestX-ray8 (Wang et al. 2017)
+reports, suited to coarse maps learnt from image labels; pass stricter ones
+to compare at those.
 Chance: the hit rate of a box of the predicted box's size at a position drawn
 uniformly over every placement inside the map (integer top-left corners), so
 large boxes do not score by size alone.
