@@ -148,8 +148,7 @@ def boxes_for(index: index_lib.Index, boxes: boxes_lib.Boxes,
       index_lib.POSITIVE)
   columns = {}
   for j, name in enumerate(label_names):
-    for k in labels_lib._sources(  # pylint: disable=protected-access
-        boxes.label_names, name):
+    for k in labels_lib.sources(boxes.label_names, name):
       columns.setdefault(boxes.label_names[k], []).append(j)
   rows_of = {}
   for i, path in enumerate(index.paths):
@@ -437,12 +436,10 @@ def _summary(pointing: Scores, hits: Scores, gt: GroundTruth, patients,
     weights, _ = metrics.resample_weights(groups, n_pairs, bootstrap, seed)
     for k, s in (("pointing_game", pointing), ("iou_hit", hits)):
       samples = _rates(s, n_labels, weights)
-      # pylint: disable=protected-access
-      ci[k] = np.stack([metrics._interval(samples[:, j], level)
+      ci[k] = np.stack([metrics.interval(samples[:, j], level)
                         for j in range(n_labels)])
-      mean_ci[k] = metrics._interval(
-          metrics._sample_means(samples, np.arange(n_labels)), level)
-      # pylint: enable=protected-access
+      mean_ci[k] = metrics.interval(
+          metrics.sample_means(samples, np.arange(n_labels)), level)
   count = np.bincount(pointing.labels, minlength=n_labels)
   chance = {k: np.bincount(s.labels, s.chance, n_labels)
             / np.maximum(count, 1) for k, s in (("pointing_chance", pointing),

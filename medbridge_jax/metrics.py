@@ -236,7 +236,7 @@ def _auroc_samples(scores, positive, mask, weights) -> np.ndarray:
   return samples
 
 
-def _sample_means(samples: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def sample_means(samples: np.ndarray, idx: np.ndarray) -> np.ndarray:
   """Per resample, the mean of columns `idx` over its defined labels; the
   resamples where none is defined are dropped."""
   sub = samples[:, idx]
@@ -246,7 +246,7 @@ def _sample_means(samples: np.ndarray, idx: np.ndarray) -> np.ndarray:
   return means[defined.any(1)]
 
 
-def _interval(values: np.ndarray, level: float) -> np.ndarray:
+def interval(values: np.ndarray, level: float) -> np.ndarray:
   """Percentile interval (2,) of the finite `values`; nan if fewer than 2."""
   v = values[np.isfinite(values)]
   if v.size < 2:
@@ -284,10 +284,10 @@ def bootstrap_auroc_ci(scores, targets, mask=None, *, groups=None,
     return np.full((num_labels, 2), np.nan), np.full(2, np.nan)
   weights, _ = resample_weights(groups, n, num_resamples, seed)
   samples = _auroc_samples(scores, positive, mask, weights)
-  per_label = np.stack([_interval(samples[:, j], level)
+  per_label = np.stack([interval(samples[:, j], level)
                         for j in range(num_labels)])
   idx = label_indices(_names(label_names, num_labels), subset)
-  return per_label, _interval(_sample_means(samples, idx), level)
+  return per_label, interval(sample_means(samples, idx), level)
 
 
 @dataclasses.dataclass
@@ -345,7 +345,7 @@ def paired_auroc_difference(scores_a, scores_b, targets, mask=None, *,
   difference = roc_a - roc_b
   mean_difference = (mean_over(roc_a, names, subset)
                      - mean_over(roc_b, names, subset))
-  interval = np.full((num_labels, 2), np.nan)
+  per_label = np.full((num_labels, 2), np.nan)
   mean_interval, p_value = np.full(2, np.nan), float("nan")
   _, num_groups = group_index(groups, n)
   if num_resamples > 0 and n > 0:
@@ -354,15 +354,15 @@ def paired_auroc_difference(scores_a, scores_b, targets, mask=None, *,
     # so both models' samples are nan in the same places.
     samples = (_auroc_samples(scores_a, positive, mask, weights)
                - _auroc_samples(scores_b, positive, mask, weights))
-    interval = np.stack([_interval(samples[:, j], level)
-                         for j in range(num_labels)])
-    means = _sample_means(samples, idx)
-    mean_interval = _interval(means, level)
+    per_label = np.stack([interval(samples[:, j], level)
+                          for j in range(num_labels)])
+    means = sample_means(samples, idx)
+    mean_interval = interval(means, level)
     if means.size:
       p_value = float(np.mean(means <= 0))
   return PairedDifference(
       label_names=tuple(str(x) for x in names), difference=difference,
-      interval=interval, mean_difference=mean_difference,
+      interval=per_label, mean_difference=mean_difference,
       mean_interval=mean_interval, p_value=p_value,
       mean_labels=tuple(str(names[i]) for i in idx), num_groups=num_groups,
       num_resamples=max(int(num_resamples), 0), level=float(level))

@@ -150,7 +150,7 @@ def _combine(columns: np.ndarray) -> np.ndarray:
   return out
 
 
-def _sources(label_names: Sequence[str], target: str) -> list[int]:
+def sources(label_names: Sequence[str], target: str) -> list[int]:
   """Columns of `label_names` that give `target`'s value ([] if none)."""
   by_name = {}
   for i, name in enumerate(label_names):
@@ -167,7 +167,7 @@ def _sources(label_names: Sequence[str], target: str) -> list[int]:
 def available(label_names: Sequence[str],
               target_label_names: Sequence[str]) -> np.ndarray:
   """bool (targets,): whether a data set with `label_names` has each target."""
-  return np.array([bool(_sources(label_names, t)) for t in target_label_names],
+  return np.array([bool(sources(label_names, t)) for t in target_label_names],
                   bool)
 
 
@@ -187,7 +187,7 @@ def harmonise(index: index_lib.Index,
                     "twice")
   columns = []
   for target in target_label_names:
-    src = _sources(index.label_names, target)
+    src = sources(index.label_names, target)
     if not src:
       columns.append(np.full(len(index), np.nan, np.float32))
     elif len(src) == 1:
