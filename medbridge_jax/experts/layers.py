@@ -178,6 +178,13 @@ class EncoderLayer(nn.Module):
   stream and, beside it, lets extra tokens attend to the image tokens' keys
   and values (from this very layer) plus their own, without ever letting the
   image tokens see the extra ones.
+
+  When the caller collects "intermediates" (`apply(..., mutable=
+  ["intermediates"])`), `with_extra` also sows "query_attention": (B, S)
+  float32, per image the extra tokens' attention over the S image keys
+  alone, softmax(q_extra . k_image / sqrt(h)) (i.e. renormalised over the
+  image keys, their own keys left out), averaged over heads and extra
+  tokens. Otherwise nothing of it is even traced.
   """
   hidden_size: int
   num_heads: int
@@ -228,4 +235,16 @@ class EncoderLayer(nn.Module):
     e_heads = attend(qe, keys, values, None, self.attention_impl,
                      differentiated=True)
     e_out = self._finish(extra, self.attn.project_out(e_heads))
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "query_attention", image_attention(qe, k))
     return x_out, e_out
+
+
+def image_attention(queries: Array, keys: Array) -> Array:
+  """(B, S) float32: softmax(q . k / sqrt(h)) of (B, Q, N, H) queries over
+  (B, S, N, H) keys, averaged over the N heads and Q queries."""
+  q = queries.astype(jnp.float32)
+  k = keys.astype(jnp.float32)
+  scores = jnp.einsum("bqnh,bsnh->bnqs", q, k) / jnp.sqrt(
+      jnp.float32(q.shape[-1]))
+  return jnp.mean(jax.nn.softmax(scores, axis=-1), axis=(1, 2))

@@ -185,7 +185,9 @@ class ExpertBranch(nn.Module):
     # each side is its own pass through the tower (same queries), and the
     # tokens are joined in view order.
     tokens = jnp.concatenate([self.encode(g) for g in groups], axis=1)
-    if self.fuses:
+    if self.is_mutable_collection("intermediates"):
+      fused = self._fuse_and_sow_views(tokens)
+    elif self.fuses:
       fused = self.fusion(tokens)
     else:
       fused = fusion_lib.max_over_views(tokens, s.fusion_keep_global)
@@ -193,6 +195,48 @@ class ExpertBranch(nn.Module):
     # With fusion.keep_global the fused tokens are [max over local views;
     # global view]: the gate reads the first, fused, set of queries.
     return logits, query_encoder.pooled_queries(fused, s.num_queries)
+
+  def _fuse_and_sow_views(self, tokens: Array) -> Array:
+    """The fused tokens, as `__call__` computes them, after sowing
+    "view_logits" (B, N, L): the head on each view's own fused tokens,
+    before the max over views (`model.evidence`).
+
+    With `keep_global` (and N > 1) the head reads [view; global view], as
+    it reads [max over local views; global view]. Only runs when the
+    caller collects "intermediates": the default path never traces it.
+    """
+    s = self.settings
+    per_view = {}
+    if self.fuses:
+      # The fusion's blocks are the last thing before its max over views:
+      # keep the last one's output, (B, N * T, P).
+      def keep_block_output(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if (isinstance(context.module, fusion_lib.Block)
+            and context.method_name == "__call__"):
+          per_view["tokens"] = out
+        return out
+
+      with nn.intercept_methods(keep_block_output):
+        fused = self.fusion(tokens)
+      b, n, t, p = tokens.shape
+      if "tokens" in per_view:
+        views = per_view["tokens"].reshape(b, n, t, p)
+      else:  # No block: the view-type embedding alone (fusion.py).
+        view_type = self.fusion.variables["params"]["view_type"]
+        first_local = 1 if s.global_view else 0
+        local = (jnp.arange(n) >= first_local).astype(jnp.int32)
+        views = tokens + view_type[local][None, :, None, :]
+    else:
+      fused = fusion_lib.max_over_views(tokens, s.fusion_keep_global)
+      views = jnp.asarray(tokens, jnp.float32)
+    b, n = views.shape[:2]
+    if s.fusion_keep_global and n > 1:
+      views = jnp.concatenate(
+          [views, jnp.broadcast_to(views[:, :1], views.shape)], axis=2)
+    view_logits = self.head(views.reshape((b * n,) + views.shape[2:]))
+    self.sow("intermediates", "view_logits", view_logits.reshape(b, n, -1))
+    return fused
 
 
 class MedBridge(nn.Module):
