@@ -16,6 +16,7 @@ Standalone benchmarks, each `python -m medbridge_jax.bench.NAME [flags]`:
   focal_probe   a linear probe: can a frozen expert's features see a finding?
   focal_zoom    which crop side lets a frozen expert see a focal finding
   expert_sizes  parameters and bf16 weights of the published experts
+  evidence_cost what evidence maps add to an evaluation step
 
 Nothing is imported here: the input pipeline's spawned workers import
 `input_speed` and need no JAX.

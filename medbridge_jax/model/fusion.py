@@ -87,4 +87,8 @@ class CrossViewFusion(nn.Module):
     x = x.reshape(b, n * t, p)
     for i in range(self.num_layers):
       x = Block(self.num_heads, name=f"block_{i}")(x)
-    return max_over_views(x.reshape(b, n, t, p), self.keep_global)
+    x = x.reshape(b, n, t, p)
+    # Each view's fused tokens before the max (model.evidence reads them;
+    # nothing is kept unless the caller collects "intermediates").
+    self.sow("intermediates", "views", x)
+    return max_over_views(x, self.keep_global)

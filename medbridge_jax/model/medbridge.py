@@ -206,27 +206,9 @@ class ExpertBranch(nn.Module):
     caller collects "intermediates": the default path never traces it.
     """
     s = self.settings
-    per_view = {}
     if self.fuses:
-      # The fusion's blocks are the last thing before its max over views:
-      # keep the last one's output, (B, N * T, P).
-      def keep_block_output(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if (isinstance(context.module, fusion_lib.Block)
-            and context.method_name == "__call__"):
-          per_view["tokens"] = out
-        return out
-
-      with nn.intercept_methods(keep_block_output):
-        fused = self.fusion(tokens)
-      b, n, t, p = tokens.shape
-      if "tokens" in per_view:
-        views = per_view["tokens"].reshape(b, n, t, p)
-      else:  # No block: the view-type embedding alone (fusion.py).
-        view_type = self.fusion.variables["params"]["view_type"]
-        first_local = 1 if s.global_view else 0
-        local = (jnp.arange(n) >= first_local).astype(jnp.int32)
-        views = tokens + view_type[local][None, :, None, :]
+      fused = self.fusion(tokens)
+      views = self.fusion.get_variable("intermediates", "views")[-1]
     else:
       fused = fusion_lib.max_over_views(tokens, s.fusion_keep_global)
       views = jnp.asarray(tokens, jnp.float32)
