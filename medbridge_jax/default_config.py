@@ -146,6 +146,9 @@ def get_default() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64  # Global evaluation batch size.
   c.eval.mean_labels = ()  # Labels in the reported mean AUROC; () = all.
   c.eval.bootstrap = 200  # Bootstrap resamples for 95% intervals (0 = off).
+  # Score the evidence maps against the test sets' boxes (pointing game, IoU
+  # hit) where the data set has boxes (NIH, VinDr, RSNA, synthetic).
+  c.eval.localise = True
 
   # ---- Devices --------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -4,9 +4,10 @@ MedBridge and the zero-shot baseline are evaluated the same way: a jitted
 function maps a global uint8 image batch (B, H, W) to probabilities (B, L);
 `predict` runs it over a split with the data pipeline's evaluation batches
 (ordered, the last one padded) and gathers every row on every host.
+`localise` scores the model's evidence maps against a split's boxes.
 """
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from absl import logging
 import jax
@@ -14,6 +15,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from medbridge_jax import localisation
 from medbridge_jax import metrics
 from medbridge_jax import report
 from medbridge_jax import sharding
@@ -21,6 +23,7 @@ from medbridge_jax.data import labels
 from medbridge_jax.data import pipeline
 from medbridge_jax.experts import expert as expert_lib
 from medbridge_jax.experts import zero_shot
+from medbridge_jax.model import evidence
 from medbridge_jax.model import partition
 
 ImageFn = Callable[[jax.Array], jax.Array]  # uint8 (B, H, W) -> probs (B, L)
@@ -90,6 +93,55 @@ def make_zero_shot_fn(expert, prompt_embeddings) -> ImageFn:
     return zero_shot.probabilities(feats, prompts, expert)
 
   return lambda images: fn(expert.params["vision"], prompt_embeddings, images)
+
+
+def make_evidence_fn(model) -> Callable[..., jax.Array]:
+  """Jitted (trainable, frozen, images) -> evidence maps (B, L, H, W)
+  (`model.evidence`), built once like `make_model_fn`."""
+
+  @jax.jit
+  def fn(trainable, frozen, images):
+    params = partition.merge(trainable, frozen)
+    return evidence.maps(model, params, images)[0]
+
+  return fn
+
+
+def localise(fn: ImageFn, eval_set: labels.LabelledSplit, found_boxes, *,
+             batch_size: int, mesh, data_config, bootstrap: int = 0,
+             seed: int = 0) -> Optional[dict]:
+  """Pointing game and IoU hit of `fn`'s evidence maps against the split's
+  boxes (`localisation.summarize`'s dict), or None when no image of the
+  split has a box of a positive label.
+
+  Only the images with boxes are evaluated: maps are large, and the others
+  have nothing to score.
+  """
+  label_names = list(eval_set.index.label_names)
+  size = int(data_config.image_size)
+  gt = localisation.boxes_for(eval_set.index, found_boxes, label_names, size)
+  rows = [i for i in range(len(eval_set.index))
+          if any(gt.positive[i, j] and gt.boxes[i][j]
+                 for j in range(len(label_names)))]
+  if not rows:
+    return None
+  index = eval_set.index.select(rows)
+  gt = localisation.boxes_for(index, found_boxes, label_names, size)
+  acc = localisation.Accumulator(gt)
+  batches = pipeline.eval_batches(
+      index, batch_size=sharding.host_batch_size(batch_size),
+      available=eval_set.available,
+      **pipeline.options_from_config(data_config))
+  for batch in batches:
+    batch = sharding.to_global({"image": batch["image"], "row": batch["row"]},
+                               mesh)
+    out = (fn(batch["image"]), batch["row"])
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+    maps, batch_rows = (np.asarray(x) for x in jax.device_get(out))
+    acc.add(batch_rows, maps)
+  return acc.summary(np.asarray(index.patients, dtype=object),
+                     bootstrap=bootstrap, seed=seed)
 
 
 def evaluate(fn: ImageFn, eval_set: labels.LabelledSplit, *, batch_size: int,

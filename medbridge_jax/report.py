@@ -183,8 +183,8 @@ def _delta(d: metrics.PairedDifference) -> tuple[str, str]:
 
 def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
               images: Mapping[str, str], main: str,
-              diffs: Mapping[str, Mapping[str, metrics.PairedDifference]]
-              ) -> str:
+              diffs: Mapping[str, Mapping[str, metrics.PairedDifference]],
+              sections: Mapping[str, Sequence[str]]) -> str:
   out = ["# MedBridge results", ""] + list(header) + [""]
   for set_name, results in sets.items():
     ours = results[main]
@@ -229,6 +229,7 @@ def _markdown(sets: Mapping[str, Mapping[str, Result]], header: Sequence[str],
       row += [num(results[m].summary.auroc[j]) for m in others]
       out.append("| " + " | ".join(row) + " |")
     out += ["", f"![ROC curves]({images[set_name]})", ""]
+    out += list(sections.get(set_name, ()))
   return "\n".join(out)
 
 
@@ -254,7 +255,8 @@ def _write_metrics_csv(path: str,
 
 def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
           header: Sequence[str] = (), main: str = "MedBridge", *,
-          bootstrap: Optional[int] = None, seed: Optional[int] = None) -> str:
+          bootstrap: Optional[int] = None, seed: Optional[int] = None,
+          sections: Optional[Mapping[str, Sequence[str]]] = None) -> str:
   """Writes report/report.md, report/metrics.csv, ROC PNGs and report.md.
 
   Args:
@@ -267,6 +269,8 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
     bootstrap: resamples of the paired intervals; None: as many as `main`'s
       own intervals used in that set.
     seed: their seed; None: the seed of `main`'s own intervals.
+    sections: set name -> markdown lines appended to that set's section
+      (e.g. its localisation table).
 
   Returns:
     The path of workdir/report.md.
@@ -294,12 +298,12 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
   # Δ and ≥ in the tables: UTF-8 whatever the locale.
   with open(os.path.join(report_dir, "report.md"), "w",
             encoding="utf-8") as f:
-    f.write(_markdown(sets, header, images, main, diffs))
+    f.write(_markdown(sets, header, images, main, diffs, sections or {}))
   top = os.path.join(workdir, "report.md")
   with open(top, "w", encoding="utf-8") as f:
     f.write(_markdown(sets, header,
                       {k: f"report/{v}" for k, v in images.items()}, main,
-                      diffs))
+                      diffs, sections or {}))
   return top
 
 

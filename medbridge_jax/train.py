@@ -45,6 +45,7 @@ from medbridge_jax import checkpoints
 from medbridge_jax import config_check
 from medbridge_jax import errors
 from medbridge_jax import evaluate
+from medbridge_jax import localisation
 from medbridge_jax.experts import from_config
 from medbridge_jax import methods
 from medbridge_jax import metrics
@@ -54,7 +55,9 @@ from medbridge_jax import run_info
 from medbridge_jax import sharding
 from medbridge_jax import train_state
 from medbridge_jax import train_step as train_step_lib
+from medbridge_jax.data import boxes as boxes_lib
 from medbridge_jax.data import resolve
+from medbridge_jax.model import evidence
 from medbridge_jax.model import focal_sampling
 from medbridge_jax.model import losses
 from medbridge_jax.model import medbridge
@@ -235,6 +238,27 @@ def _evaluate(run: Run, params, eval_set, step: int, prefix: str,
       bootstrap=bootstrap, seed=int(run.config.seed), **_eval_kwargs(run))
   _log_eval(run.writer, step, eval_set.name, result.summary, prefix)
   return result
+
+
+def _localise(run: Run, params, eval_set, bootstrap: int) -> Optional[dict]:
+  """The evidence maps' pointing game and IoU hit against the split's boxes
+  (`evaluate.localise`), or None: no boxes in the data set, a method or
+  model without evidence maps, or `eval.localise` off."""
+  c = run.config
+  if not c.eval.localise or c.method.name != "medbridge":
+    return None
+  index = eval_set.index
+  try:
+    evidence.check_model(run.model)
+    found = boxes_lib.read(index.dataset, index.root)
+  except errors.UserError as e:
+    logging.info("%s: no localisation scores (%s).", eval_set.name, e)
+    return None
+  return evaluate.localise(
+      functools.partial(evaluate.make_evidence_fn(run.model), params,
+                        run.frozen),
+      eval_set, found, batch_size=int(c.eval.batch_size), mesh=run.mesh,
+      data_config=c.data, bootstrap=bootstrap, seed=int(c.seed))
 
 
 def _eval_kwargs(run: Run) -> dict:
@@ -475,10 +499,11 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
   c = run.config
   step = int(meta["step"])
   bootstrap = int(c.eval.bootstrap)
-  sets = {}
+  sets, located = {}, {}
   for es in [run.data.test] + list(run.data.extra_tests):
     sets[es.name] = {"MedBridge": _evaluate(run, params, es, step,
                                             f"test/{es.name}", bootstrap)}
+    located[es.name] = _localise(run, params, es, bootstrap)
     if c.zero_shot.enabled:
       for e, p, name in zip(run.experts, run.prompts, run.expert_names):
         if p is None:  # Vision-only: no text to score prompts with.
@@ -494,15 +519,19 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
           zero_shot={n: _none_if_nan(results[f"zero-shot {n}"]
                                      .summary.mean_auroc)
                      for n in run.expert_names
-                     if f"zero-shot {n}" in results})
+                     if f"zero-shot {n}" in results},
+          **({"localisation": located[name]} if located[name] else {}))
       for name, results in sets.items()}
   if run.lead:
     for r in records.values():
       report.append_jsonl(run.workdir, r)
     header = report.run_header(c, run.data, run.expert_names, run.experts,
                                meta)
+    sections = {name: ["### Where: evidence maps against the boxes", "",
+                       localisation.markdown(summary), ""]
+                for name, summary in located.items() if summary}
     path = report.write(run.workdir, sets, header, bootstrap=bootstrap,
-                        seed=int(c.seed))
+                        seed=int(c.seed), sections=sections)
     report.write_thresholds(run.workdir, meta["thresholds"])
     for k, (name, results) in enumerate(sets.items()):
       report.write_predictions(run.workdir, "test" if k == 0 else name,

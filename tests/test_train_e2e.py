@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from medbridge_jax import checkpoints, errors, report, train
+from medbridge_jax.data import boxes
 from medbridge_jax.data import resolve
 from tests import tiny_run
 
@@ -84,6 +85,20 @@ def test_one_run_end_to_end(cache, tmp_path):
     assert json.load(f)["model"]["compute_dtype"] == "bfloat16"
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.listdir(os.path.join(workdir, "best")) == ["4"]
+  # The generated data set has boxes: the evidence maps were scored on
+  # every (image, label) of the test split that is positive and boxed,
+  # counted here from the box file and the index alone.
+  found = boxes.read(data.test.index.dataset, data.test.index.root)
+  boxed = {(b.image, b.label) for b in found.boxes}
+  index = data.test.index
+  pairs = sum(
+      1 for i, path in enumerate(index.paths)
+      for j, label in enumerate(index.label_names)
+      if index.labels[i, j] == 1 and (path, label) in boxed)
+  loc = record["localisation"]
+  assert pairs > 0 and sum(
+      v["pairs"] for v in loc["labels"].values()) == pairs
+  assert "### Where: evidence maps against the boxes" in text
   # Rerunning a finished run only evaluates again: same numbers, one record.
   again = train.train_and_evaluate(config, workdir)
   assert again["auroc"] == record["auroc"]
