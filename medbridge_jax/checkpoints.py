@@ -173,7 +173,13 @@ class Checkpointer:
             # A save killed midway leaves a temporary directory behind; a
             # reader must not remove a running save's one.
             cleanup_tmp_directories=not self._read_only,
-            read_only=self._read_only))
+            read_only=self._read_only,
+            # On several hosts each manager's background save ends with
+            # barriers across the processes; the two managers' barriers
+            # share names unless prefixed, and a step saved to both (a new
+            # best) then fails with "Barrier ... is already ongoing".
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=name)))
 
   @property
   def directory(self) -> str:

@@ -41,12 +41,37 @@ def multihost_requested(env: Mapping[str, str] = os.environ) -> bool:
     return False
 
 
+def distributed_arguments(env: Mapping[str, str] = os.environ
+                          ) -> dict[str, int]:
+  """`num_processes` / `process_id` from JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+
+  JAX reads JAX_COORDINATOR_ADDRESS itself, but the process count and id
+  only from a cluster manager (SLURM, Open MPI, TPU metadata): a launch
+  that names the coordinator by hand gives them in these two variables.
+  Unset ones are left to JAX; a non-integer is a UserError naming it.
+  """
+  out = {}
+  for var, arg in (("JAX_NUM_PROCESSES", "num_processes"),
+                   ("JAX_PROCESS_ID", "process_id")):
+    value = env.get(var, "").strip()
+    if not value:
+      continue
+    try:
+      out[arg] = int(value)
+    except ValueError:
+      raise errors.UserError(
+          f"{var}={value!r} is not an integer") from None
+  return out
+
+
 def maybe_initialize_distributed(env: Mapping[str, str] = os.environ) -> bool:
   """Calls `jax.distributed.initialize()` on multi-host launches only.
 
-  With no arguments JAX finds the coordinator and this process's id itself
-  (TPU metadata, SLURM variables, or JAX_COORDINATOR_ADDRESS with
-  JAX_NUM_PROCESSES / JAX_PROCESS_ID). Must run before any other JAX call.
+  JAX finds the coordinator and this process's id itself (TPU metadata,
+  SLURM variables), or from JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID (`distributed_arguments`). On CPU the processes talk
+  through gloo (JAX's default `jax_cpu_collectives_implementation`). Must
+  run before any other JAX call.
 
   Returns:
     Whether it initialised.
@@ -55,7 +80,15 @@ def maybe_initialize_distributed(env: Mapping[str, str] = os.environ) -> bool:
     return False
   if jax.distributed.is_initialized():
     return True
-  jax.distributed.initialize()
+  kwargs = distributed_arguments(env)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # Nothing names the coordinator or the processes.
+    raise errors.UserError(
+        f"multi-host start-up: {errors.one_line(e)} (launch under SLURM or "
+        f"on a TPU pod, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+        f"and JAX_PROCESS_ID; MEDBRIDGE_MULTIHOST=0 runs one process)"
+    ) from None
   logging.info("jax.distributed: process %d of %d, %d local / %d devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

@@ -14,9 +14,16 @@ their row in the index (-1 for padding). Every host yields the same number
 of batches, so collective evaluation steps never wait for a host that ran
 out.
 
-Hosts: host p of P reads rows p, p + P, p + 2P, ... (`shard`, default
-`jax.process_index()`, `jax.process_count()`); `B` is the host-local batch
-(`sharding.host_batch_size`), made global by `sharding.to_global`.
+Hosts (`shard` = (p, P), default `jax.process_index()`,
+`jax.process_count()`; `B` is the host-local batch, `sharding.host_batch_size`,
+made global by `sharding.to_global`): in training every host draws the same
+global stream (shuffle, repeat and augmentation over all rows) and takes its
+own B elements of each global batch of P * B, decoding only those; so the
+global batches, and the iterator state (kept in global elements), are the
+same on any number of hosts, and a run resumes on another number (a
+skipped bad image is made up from the host's next elements, so from then on
+the batches are no longer exactly one process's). In evaluation host p
+reads rows p, p + P, p + 2P, ...
 
 Images are decoded from the index's files, or read from prepared ArrayRecord
 shards (`prepared=tfds_builders.data_source(...)`), with labels from the
@@ -185,7 +192,8 @@ def _check(index, image_size, on_bad_image, num_workers, batch_size):
     raise UserError(f"{index.dataset} split {index.split!r} has no images")
 
 
-def _host_rows(n: int, shard: tuple[int, int] | None) -> np.ndarray:
+def _shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+  """(host index, host count), from jax when `shard` is None."""
   if shard is None:
     # JAX only here, when no shard is given: grain's worker processes import
     # this module and should not load JAX.
@@ -194,7 +202,35 @@ def _host_rows(n: int, shard: tuple[int, int] | None) -> np.ndarray:
   p, count = shard
   if not 0 <= p < count:
     raise ValueError(f"shard {shard}: need 0 <= index < count")
+  return p, count
+
+
+def _host_rows(n: int, shard: tuple[int, int] | None) -> np.ndarray:
+  p, count = _shard(shard)
   return np.arange(p, n, count, dtype=np.int64)
+
+
+class _HostShare(grain.MapDataset):
+  """Host `host`'s elements of a global stream cut into global batches of
+  `count` * `batch_size`: elements [host * batch_size, (host + 1) *
+  batch_size) of each (only those are read, decoded and augmented)."""
+
+  def __init__(self, parent: grain.MapDataset, host: int, count: int,
+               batch_size: int):
+    super().__init__(parent)
+    self._host, self._count, self._b = host, count, batch_size
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._count
+
+  def _global(self, k: int) -> int:
+    n, i = divmod(k, self._b)
+    return (n * self._count + self._host) * self._b + i
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global(index)]
 
 
 def _read_options(num_workers: int, buffer: int) -> grain.ReadOptions:
@@ -221,9 +257,11 @@ class _CountsSkips:
 class TrainBatches(_CountsSkips):
   """Endless, shuffled, augmented batches; resumable (see module doc)."""
 
-  def __init__(self, dataset: grain.IterDataset, bad: _BadImages):
+  def __init__(self, dataset: grain.IterDataset, bad: _BadImages,
+               hosts: int = 1):
     self._bad = bad
     self._it = iter(dataset)
+    self._hosts = hosts
 
   def __iter__(self) -> "TrainBatches":
     return self
@@ -232,11 +270,23 @@ class TrainBatches(_CountsSkips):
     return next(self._it)
 
   def get_state(self) -> dict:
-    return {"grain": self._it.get_state(), "skipped": self._bad.count,
+    """JSON-able position; "grain"'s next_index counts global elements (a
+    host's own times the host count), as one process would."""
+    position = self._it.get_state()
+    if self._hosts > 1:
+      position = dict(position,
+                      next_index=position["next_index"] * self._hosts)
+    return {"grain": position, "skipped": self._bad.count,
             "skipped_paths": list(self._bad.paths)}
 
   def set_state(self, state: dict) -> None:
-    self._it.set_state(state["grain"])
+    """Resumes at `get_state`'s position, saved on any number of hosts
+    (the skip counts are the saving host's own)."""
+    position = state["grain"]
+    if self._hosts > 1:
+      position = dict(position,
+                      next_index=position["next_index"] // self._hosts)
+    self._it.set_state(position)
     self._bad.count = int(state["skipped"])
     self._bad.paths = list(state["skipped_paths"])
 
@@ -254,7 +304,8 @@ def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
                   on_bad_image: str = "error", num_workers: int = 0,
                   shard: tuple[int, int] | None = None,
                   prepared=None) -> TrainBatches:
-  """Training batches of this host's rows (see module doc).
+  """Training batches: this host's share of each global batch (see module
+  doc).
 
   Args:
     index: the training split.
@@ -273,22 +324,23 @@ def train_batches(index: index_lib.Index, *, batch_size: int, seed: int,
   _check(index, image_size, on_bad_image, num_workers, batch_size)
   targets, mask = labels_lib.targets(index.labels, uncertain_policy,
                                      blank_policy, available)
-  rows = _host_rows(len(index), shard)
-  if not len(rows):
-    raise UserError(f"{index.dataset} split {index.split!r} has fewer images "
-                    f"({len(index)}) than hosts")
-  ds = grain.MapDataset.source(
-      _Source(index, rows, targets, mask, image_size, prepared))
+  host, hosts = _shard(shard)
+  ds = grain.MapDataset.source(_Source(
+      index, np.arange(len(index)), targets, mask, image_size, prepared))
   # Shuffle before repeat: every epoch is a new permutation of the rows.
   ds = ds.shuffle(seed=seed % 2**32).repeat()
   if augment:
+    # grain seeds each element's augmentation by its position in the
+    # stream: the same on every host and for any host count.
     ds = ds.random_map(_RandomAugment(Augment()), seed=(seed + 1) % 2**32)
+  if hosts > 1:
+    ds = _HostShare(ds, host, hosts, batch_size)
   it = ds.to_iter_dataset(_read_options(num_workers, 2 * batch_size))
   if num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   bad = _BadImages(on_bad_image)
   it = it.filter(bad).map(_strip).batch(batch_size, drop_remainder=True)
-  return TrainBatches(it, bad)
+  return TrainBatches(it, bad, hosts)
 
 
 class EvalBatches(_CountsSkips):
