@@ -140,9 +140,8 @@ def test_top_regions_ties_are_kept_exactly_min_distance_apart():
 
 
 def _top_regions_loop(heat, k, d):
-  """Brute force: candidates (above the floor) by a window loop, greedy by
-  value then
-  row-major order, regions by breadth-first search."""
+  """Brute force: candidates (above the floor) by a window loop, greedy
+  by value then row-major order, regions by breadth-first search."""
   h, w = heat.shape
   cands = []
   for y in range(h):
