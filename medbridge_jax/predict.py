@@ -46,7 +46,9 @@ whose stem is taken):
 The stored image is the input letterboxed to config.data.image_size
 (`images.letterbox`): scaled by size / its longer side and centred on
 black. Original coordinates undo that centring and scaling; a point on the
-black padding has none (null), a box is clipped to the image. Evidence
+black padding has none (null), a box is clipped to the image (a large JPEG,
+decoded at a reduced scale, may be off by a pixel of the stored image's
+rounding). Evidence
 maps need a MedBridge run with query tokens in "non_destructive" mode
 (config.method.name, config.model.queries.*): any other run is refused
 before the model loads. Maps take batch x labels x size^2 floats on the
@@ -185,7 +187,7 @@ class Loaded:
   step: int
   thresholds: np.ndarray  # (L,) float64, nan: no threshold.
   chosen_on: str  # The split the thresholds were chosen on.
-  model: object = None  # The built module (evidence maps rebind it).
+  model: object = None  # The built module (--explain applies it).
   params: object = None  # Restored trainable parameters, on the mesh.
   frozen: object = None  # The experts' frozen towers, on the mesh.
 
