@@ -107,6 +107,35 @@ def make_evidence_fn(model) -> Callable[..., jax.Array]:
   return fn
 
 
+def evidence_rows(fn: ImageFn, eval_set: labels.LabelledSplit,
+                  rows: Sequence[int], *, mesh, data_config
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (n, H, W), evidence maps (n, L, H, W)) of the split's
+  `rows`, in that order, through `fn` (`make_evidence_fn`)."""
+  index = eval_set.index.select(rows)
+  n = len(rows)
+  images = np.zeros((n,) + (int(data_config.image_size),) * 2, np.uint8)
+  maps = None
+  # One padded batch, a multiple of the devices.
+  batch_size = -(-n // jax.device_count()) * jax.device_count()
+  batches = pipeline.eval_batches(
+      index, batch_size=sharding.host_batch_size(batch_size),
+      available=eval_set.available,
+      **pipeline.options_from_config(data_config))
+  for batch in batches:
+    batch = sharding.to_global({"image": batch["image"], "row": batch["row"]},
+                               mesh)
+    out = (fn(batch["image"]), batch["image"], batch["row"])
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+    m, x, r = (np.asarray(v) for v in jax.device_get(out))
+    keep = r >= 0
+    if maps is None:
+      maps = np.zeros((n,) + m.shape[1:], np.float32)
+    maps[r[keep]], images[r[keep]] = m[keep], x[keep]
+  return images, maps
+
+
 def localise(fn: ImageFn, eval_set: labels.LabelledSplit, found_boxes, *,
              batch_size: int, mesh, data_config, bootstrap: int = 0,
              seed: int = 0) -> Optional[dict]:

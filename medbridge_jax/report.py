@@ -298,7 +298,10 @@ def write(workdir: str, sets: Mapping[str, Mapping[str, Result]],
   # Δ and ≥ in the tables: UTF-8 whatever the locale.
   with open(os.path.join(report_dir, "report.md"), "w",
             encoding="utf-8") as f:
-    f.write(_markdown(sets, header, images, main, diffs, sections or {}))
+    # Inside report/, links into report/ lose that prefix.
+    inner = {k: [line.replace("](report/", "](") for line in v]
+             for k, v in (sections or {}).items()}
+    f.write(_markdown(sets, header, images, main, diffs, inner))
   top = os.path.join(workdir, "report.md")
   with open(top, "w", encoding="utf-8") as f:
     f.write(_markdown(sets, header,

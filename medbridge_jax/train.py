@@ -50,6 +50,7 @@ from medbridge_jax.experts import from_config
 from medbridge_jax import methods
 from medbridge_jax import metrics
 from medbridge_jax import optim
+from medbridge_jax import overlays
 from medbridge_jax import report
 from medbridge_jax import run_info
 from medbridge_jax import sharding
@@ -240,16 +241,28 @@ def _evaluate(run: Run, params, eval_set, step: int, prefix: str,
   return result
 
 
+def _explains(run: Run) -> bool:
+  """Whether the run's model has evidence maps (MedBridge with readable
+  queries: `evidence.check_model`)."""
+  if run.config.method.name != "medbridge":
+    return False
+  try:
+    evidence.check_model(run.model)
+  except errors.UserError as e:
+    logging.info("No evidence maps: %s", e)
+    return False
+  return True
+
+
 def _localise(run: Run, params, eval_set, bootstrap: int) -> Optional[dict]:
   """The evidence maps' pointing game and IoU hit against the split's boxes
   (`evaluate.localise`), or None: no boxes in the data set, a method or
   model without evidence maps, or `eval.localise` off."""
   c = run.config
-  if not c.eval.localise or c.method.name != "medbridge":
+  if not c.eval.localise or not _explains(run):
     return None
   index = eval_set.index
   try:
-    evidence.check_model(run.model)
     found = boxes_lib.read(index.dataset, index.root)
   except errors.UserError as e:
     logging.info("%s: no localisation scores (%s).", eval_set.name, e)
@@ -259,6 +272,62 @@ def _localise(run: Run, params, eval_set, bootstrap: int) -> Optional[dict]:
                         run.frozen),
       eval_set, found, batch_size=int(c.eval.batch_size), mesh=run.mesh,
       data_config=c.data, bootstrap=bootstrap, seed=int(c.seed))
+
+
+GALLERY = 2  # Images per label and kind in report.md's evidence gallery.
+
+
+def _gallery(run: Run, params, eval_set, result: report.Result,
+             thresholds: dict, step: int) -> list[str]:
+  """report.md lines: per label, the split's most confident true positives
+  and its missed findings (positives below the threshold, least confident
+  first) with their evidence overlays (report/gallery/*.png); the same
+  overlays go to TensorBoard. Every host computes the maps, the lead
+  writes."""
+  if len(result.probs) != len(eval_set.index):
+    return []  # Skipped images: rows no longer line up; no gallery.
+  names = list(eval_set.index.label_names)
+  picks = []  # (label index, kind, row)
+  for j, label in enumerate(names):
+    t = thresholds.get(label)
+    known = (result.mask[:, j] > 0) & (result.targets[:, j] == 1)
+    if t is None or not known.any():
+      continue
+    p = result.probs[:, j]
+    hits = [int(r) for r in np.argsort(-p) if known[r] and p[r] >= t]
+    missed = [int(r) for r in np.argsort(p) if known[r] and p[r] < t]
+    picks += [(j, "found", r) for r in hits[:GALLERY]]
+    picks += [(j, "missed", r) for r in missed[:GALLERY]]
+  if not picks:
+    return []
+  rows = sorted({r for _, _, r in picks})
+  images, maps = evaluate.evidence_rows(
+      functools.partial(evaluate.make_evidence_fn(run.model), params,
+                        run.frozen),
+      eval_set, rows, mesh=run.mesh, data_config=run.config.data)
+  if not run.lead:
+    return []
+  folder = os.path.join(run.workdir, "report", "gallery")
+  os.makedirs(folder, exist_ok=True)
+  at = {r: k for k, r in enumerate(rows)}
+  lines = ["### Evidence gallery", "",
+           "Per label: the most confident true positives, then missed "
+           "findings (positives below the threshold), with their evidence "
+           "maps.", ""]
+  for j, label in enumerate(names):
+    cells = []
+    for kind, row in [(k, r) for jj, k, r in picks if jj == j]:
+      rgb = overlays.overlay(images[at[row]], maps[at[row], j])
+      name = (f"{report.slug(eval_set.name)}_{report.slug(label)}_{kind}_"
+              f"{row}.png")
+      overlays.save_png(rgb, os.path.join(folder, name))
+      run.writer.write_images(
+          step, {f"evidence/{eval_set.name}/{label}/{kind}": rgb[None]})
+      cells.append(f"![{label}, {kind}, p={result.probs[row, j]:.2f}]"
+                   f"(report/gallery/{name})")
+    if cells:
+      lines += [f"**{label}**: " + " ".join(cells), ""]
+  return lines
 
 
 def _eval_kwargs(run: Run) -> dict:
@@ -511,6 +580,11 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
         sets[es.name][f"zero-shot {name}"] = evaluate.evaluate(
             evaluate.make_zero_shot_fn(e, p), es, bootstrap=bootstrap,
             seed=int(c.seed), **_eval_kwargs(run))
+  gallery = []
+  if _explains(run):
+    gallery = _gallery(run, params, run.data.test,
+                       sets[run.data.test.name]["MedBridge"],
+                       meta["thresholds"]["thresholds"], step)
   records = {
       name: evaluate.record(
           step, name, results["MedBridge"].summary, final=True,
@@ -530,6 +604,7 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
     sections = {name: ["### Where: evidence maps against the boxes", "",
                        localisation.markdown(summary), ""]
                 for name, summary in located.items() if summary}
+    sections.setdefault(run.data.test.name, []).extend(gallery)
     path = report.write(run.workdir, sets, header, bootstrap=bootstrap,
                         seed=int(c.seed), sections=sections)
     report.write_thresholds(run.workdir, meta["thresholds"])

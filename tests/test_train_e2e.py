@@ -8,6 +8,7 @@ NaN checkpoint; 1 and 8 devices agree.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +100,10 @@ def test_one_run_end_to_end(cache, tmp_path):
   assert pairs > 0 and sum(
       v["pairs"] for v in loc["labels"].values()) == pairs
   assert "### Where: evidence maps against the boxes" in text
+  # The gallery's overlays exist where report.md links them.
+  gallery = re.findall(r"\]\((report/gallery/[^)]+\.png)\)", text)
+  assert gallery and "### Evidence gallery" in text
+  assert all(os.path.isfile(os.path.join(workdir, g)) for g in gallery)
   # Rerunning a finished run only evaluates again: same numbers, one record.
   again = train.train_and_evaluate(config, workdir)
   assert again["auroc"] == record["auroc"]
