@@ -26,12 +26,13 @@ from tests import multihost_launch
 from tests import tiny_run
 
 # Every step logged, so that processes agree on a SIGTERM at every step;
-# one local view and no fusion: what the processes share is the same, the
+# class weights computed on each host and laid out on all devices; one local
+# view and no fusion: what the processes share is the same, the
 # compilations are shorter.
 STEPS = {"train.steps": 8, "train.eval_every": 4,
          "train.checkpoint_every": 2, "train.log_every": 1,
-         "train.keep_checkpoints": 3, "model.focal.num_local": 1,
-         "model.fusion.enabled": False}
+         "train.keep_checkpoints": 3, "loss.class_weights": "balanced",
+         "model.focal.num_local": 1, "model.fusion.enabled": False}
 TOTAL = STEPS["train.steps"]
 # Seconds for one two-process run: about a minute alone, more when CI runs
 # another test beside it on the same two cores.
