@@ -74,6 +74,7 @@ from medbridge_jax import cli
 from medbridge_jax import errors
 from medbridge_jax import jsonfile
 from medbridge_jax import report
+from medbridge_jax.data.images import letterbox_geometry
 
 PROGRAM = "medbridge_jax.predict"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -563,17 +564,6 @@ def evidence_fn(loaded: Loaded) -> Callable:
     return jax.nn.sigmoid(info["logits"].astype(jnp.float32)), maps
 
   return lambda x: fn(loaded.params, loaded.frozen, x)
-
-
-def letterbox_geometry(hw: tuple[int, int], size: int
-                       ) -> tuple[int, int, int, int]:
-  """(top, left, height, width) of an (h, w) image inside the (size, size)
-  square `images.letterbox` makes of it (the same arithmetic)."""
-  h, w = (int(v) for v in hw)
-  scale = size / max(h, w)
-  new_h = min(size, max(1, round(h * scale)))
-  new_w = min(size, max(1, round(w * scale)))
-  return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
 def original_point(y: int, x: int, hw: tuple[int, int], size: int

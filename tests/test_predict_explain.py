@@ -243,7 +243,7 @@ def test_original_point_and_box_by_hand():
   assert predict.original_box((21, 0, 21, 0), hw, SIZE) == (0, 0, 2, 2)
   assert predict.original_box((0, 0, 20, 127), hw, SIZE) is None
   # Upscaling: a 64 x 32 image is 128 x 64, centred at column 32.
-  assert predict.letterbox_geometry((64, 32), SIZE) == (0, 32, 128, 64)
+  assert images.letterbox_geometry((64, 32), SIZE) == (0, 32, 128, 64)
   assert predict.original_point(5, 33, (64, 32), SIZE) == (2, 0)
   assert predict.original_box((4, 40, 7, 41), (64, 32), SIZE) == (2, 4, 3, 4)
 

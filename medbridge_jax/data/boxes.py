@@ -54,6 +54,7 @@ from typing import Sequence
 from medbridge_jax import errors
 from medbridge_jax.data import cli
 from medbridge_jax.data import csvio
+from medbridge_jax.data import images
 from medbridge_jax.data import index as index_lib
 from medbridge_jax.data import registry
 from medbridge_jax.data import synthetic
@@ -145,11 +146,7 @@ def scale_to(box: Box, original_hw: tuple[int, int], size: int) -> Box:
   if h < 1 or w < 1:
     raise ValueError(f"image size {original_hw} is not positive")
   _check_inside(box, h, w)
-  # The same arithmetic as images.letterbox.
-  scale = size / max(h, w)
-  new_h = min(size, max(1, round(h * scale)))
-  new_w = min(size, max(1, round(w * scale)))
-  top, left = (size - new_h) // 2, (size - new_w) // 2
+  top, left, new_h, new_w = images.letterbox_geometry((h, w), size)
   sx, sy = new_w / w, new_h / h
   return dataclasses.replace(box, x=left + box.x * sx, y=top + box.y * sy,
                              width=box.width * sx, height=box.height * sy)

@@ -85,6 +85,18 @@ def stretch(values: np.ndarray) -> np.ndarray:
   return out
 
 
+def letterbox_geometry(hw: tuple[int, int], size: int
+                       ) -> tuple[int, int, int, int]:
+  """(top, left, height, width) of an (h, w) image inside the (size, size)
+  square `letterbox` makes of it: the longer side scaled to `size`, both
+  sides rounded, centred."""
+  h, w = (int(v) for v in hw)
+  scale = size / max(h, w)
+  new_h = min(size, max(1, round(h * scale)))
+  new_w = min(size, max(1, round(w * scale)))
+  return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+
 def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
   """Fits a (H, W) image into uint8 (size, size), centred on black.
 
@@ -96,8 +108,7 @@ def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
     raise ValueError(f"expected a non-empty 2-D image, got {pixels.shape}")
   h, w = pixels.shape
   scale = size / max(h, w)
-  new_h = min(size, max(1, round(h * scale)))
-  new_w = min(size, max(1, round(w * scale)))
+  top, left, new_h, new_w = letterbox_geometry((h, w), size)
   if (new_h, new_w) == (h, w):
     fitted = pixels
   else:
@@ -112,6 +123,5 @@ def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
   if (new_h, new_w) == (size, size):
     return np.ascontiguousarray(fitted)
   out = np.zeros((size, size), np.uint8)
-  top, left = (size - new_h) // 2, (size - new_w) // 2
   out[top:top + new_h, left:left + new_w] = fitted
   return out
