@@ -229,8 +229,8 @@ def test_every_command_in_the_bench_docstrings_exists():
         for n in tree.body):
       standalone.add(name[:-3])
       assert f"python -m medbridge_jax.bench.{name[:-3]} " in doc, name
-  assert standalone == {"decode_speed", "focal_probe", "focal_zoom",
-                        "index_speed"}
+  assert standalone == {"decode_speed", "evidence_cost", "focal_probe",
+                        "focal_zoom", "index_speed"}
 
 
 def test_cli_prints_json_lines(cache):
