@@ -43,7 +43,6 @@ where the file is there; without it a box is checked when scaled.
 
 import csv
 import dataclasses
-import inspect
 import io
 import json
 import math
@@ -453,22 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "counted (skip)")
     args = p.parse_args(argv)
     options = cli.reader_options(args.option)
-    _check_options(args.dataset, options)
+    cli.check_options(args.dataset, options)
     boxes = read(args.dataset, args.root, args.split,
                  on_bad_box=args.on_bad_box, **options)
     print(json.dumps(counts(boxes, args.split), indent=1))
   return 0
-
-
-def _check_options(dataset: str, options: dict) -> None:
-  """UserError for an option the data set's reader does not take (as
-  `cli.read_index` checks them)."""
-  params = inspect.signature(registry.reader(dataset)).parameters
-  known = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
-  for key in options:
-    if key not in known:
-      raise UserError(f"--option {key}: the {dataset} reader takes "
-                      f"{', '.join(known) or 'no options'}")
 
 
 if __name__ == "__main__":

@@ -51,12 +51,17 @@ def reader_options(pairs: Sequence[str]) -> dict:
   return options
 
 
-def read_index(dataset: str, root: str, split: str, options: dict):
-  """registry.read_index, refusing options the reader does not take."""
+def check_options(dataset: str, options: dict) -> None:
+  """UserError for an --option the data set's reader does not take."""
   params = inspect.signature(registry.reader(dataset)).parameters
   known = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
   for key in options:
     if key not in known:
       raise UserError(f"--option {key}: the {dataset} reader takes "
                       f"{', '.join(known) or 'no options'}")
+
+
+def read_index(dataset: str, root: str, split: str, options: dict):
+  """registry.read_index, refusing options the reader does not take."""
+  check_options(dataset, options)
   return registry.read_index(dataset, root, split, **options)
