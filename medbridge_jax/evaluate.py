@@ -40,17 +40,9 @@ def predict(fn: ImageFn, eval_set: labels.LabelledSplit, batch_size: int, mesh,
   n, num_labels = eval_set.targets.shape
   probs = np.zeros((n, num_labels))
   seen = np.zeros(n, bool)
-  batches = pipeline.eval_batches(
-      eval_set.index, batch_size=sharding.host_batch_size(batch_size),
-      available=eval_set.available,
-      **pipeline.options_from_config(data_config))
-  for batch in batches:
-    batch = sharding.to_global({"image": batch["image"], "row": batch["row"]},
-                               mesh)
-    out = (fn(batch["image"]), batch["row"])
-    if jax.process_count() > 1:
-      out = multihost_utils.process_allgather(out, tiled=True)
-    p, rows = (np.asarray(x) for x in jax.device_get(out))
+  batches = _batches(eval_set.index, eval_set.available, batch_size,
+                     data_config)
+  for p, rows in _gathered(fn, batches, mesh):
     keep = rows >= 0
     probs[rows[keep]] = p[keep]
     seen[rows[keep]] = True
@@ -58,6 +50,26 @@ def predict(fn: ImageFn, eval_set: labels.LabelledSplit, batch_size: int, mesh,
     logging.warning("%s: %d unreadable image(s) skipped, e.g. %s",
                     eval_set.name, batches.skipped, batches.skipped_paths[0])
   return probs, seen
+
+
+def _batches(index, available, batch_size: int, data_config):
+  """This host's evaluation batches of `index` (global `batch_size`)."""
+  return pipeline.eval_batches(
+      index, batch_size=sharding.host_batch_size(batch_size),
+      available=available, **pipeline.options_from_config(data_config))
+
+
+def _gathered(fn: ImageFn, batches, mesh, with_images: bool = False):
+  """Per evaluation batch, as host numpy arrays gathered from every host:
+  (fn(images), [images,] rows); padding rows are -1."""
+  for batch in batches:
+    batch = sharding.to_global({"image": batch["image"], "row": batch["row"]},
+                               mesh)
+    out = ((fn(batch["image"]),) + ((batch["image"],) if with_images else ())
+           + (batch["row"],))
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+    yield tuple(np.asarray(x) for x in jax.device_get(out))
 
 
 def make_model_fn(model) -> Callable[..., jax.Array]:
@@ -118,17 +130,8 @@ def evidence_rows(fn: ImageFn, eval_set: labels.LabelledSplit,
   maps = None
   # One padded batch, a multiple of the devices.
   batch_size = -(-n // jax.device_count()) * jax.device_count()
-  batches = pipeline.eval_batches(
-      index, batch_size=sharding.host_batch_size(batch_size),
-      available=eval_set.available,
-      **pipeline.options_from_config(data_config))
-  for batch in batches:
-    batch = sharding.to_global({"image": batch["image"], "row": batch["row"]},
-                               mesh)
-    out = (fn(batch["image"]), batch["image"], batch["row"])
-    if jax.process_count() > 1:
-      out = multihost_utils.process_allgather(out, tiled=True)
-    m, x, r = (np.asarray(v) for v in jax.device_get(out))
+  batches = _batches(index, eval_set.available, batch_size, data_config)
+  for m, x, r in _gathered(fn, batches, mesh, with_images=True):
     keep = r >= 0
     if maps is None:
       maps = np.zeros((n,) + m.shape[1:], np.float32)
@@ -146,28 +149,16 @@ def localise(fn: ImageFn, eval_set: labels.LabelledSplit, found_boxes, *,
   Only the images with boxes are evaluated: maps are large, and the others
   have nothing to score.
   """
-  label_names = list(eval_set.index.label_names)
-  size = int(data_config.image_size)
-  gt = localisation.boxes_for(eval_set.index, found_boxes, label_names, size)
-  rows = [i for i in range(len(eval_set.index))
-          if any(gt.positive[i, j] and gt.boxes[i][j]
-                 for j in range(len(label_names)))]
+  gt = localisation.boxes_for(eval_set.index, found_boxes,
+                              list(eval_set.index.label_names),
+                              int(data_config.image_size))
+  rows = gt.scored_rows()
   if not rows:
     return None
   index = eval_set.index.select(rows)
-  gt = localisation.boxes_for(index, found_boxes, label_names, size)
-  acc = localisation.Accumulator(gt)
-  batches = pipeline.eval_batches(
-      index, batch_size=sharding.host_batch_size(batch_size),
-      available=eval_set.available,
-      **pipeline.options_from_config(data_config))
-  for batch in batches:
-    batch = sharding.to_global({"image": batch["image"], "row": batch["row"]},
-                               mesh)
-    out = (fn(batch["image"]), batch["row"])
-    if jax.process_count() > 1:
-      out = multihost_utils.process_allgather(out, tiled=True)
-    maps, batch_rows = (np.asarray(x) for x in jax.device_get(out))
+  acc = localisation.Accumulator(gt.select(rows))
+  batches = _batches(index, eval_set.available, batch_size, data_config)
+  for maps, batch_rows in _gathered(fn, batches, mesh):
     acc.add(batch_rows, maps)
   return acc.summary(np.asarray(index.patients, dtype=object),
                      bootstrap=bootstrap, seed=seed)

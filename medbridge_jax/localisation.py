@@ -105,6 +105,17 @@ class GroundTruth:
   def __len__(self) -> int:
     return len(self.boxes)
 
+  def select(self, rows: Sequence[int]) -> "GroundTruth":
+    """The ground truth of these rows, in that order (as `Index.select`)."""
+    rows = [int(r) for r in rows]
+    return dataclasses.replace(self, boxes=tuple(self.boxes[r] for r in rows),
+                               positive=self.positive[rows])
+
+  def scored_rows(self) -> list[int]:
+    """Rows with a box of a positive label: the images there is to score."""
+    return [i for i, row in enumerate(self.boxes)
+            if any(self.positive[i, j] and cell for j, cell in enumerate(row))]
+
 
 def pixel_box(box: boxes_lib.Box, size: tuple[int, int]) -> PixelBox:
   """The inclusive pixel bounds of every pixel a (scaled) box overlaps, in
