@@ -254,12 +254,13 @@ def _explains(run: Run) -> bool:
   return True
 
 
-def _localise(run: Run, params, eval_set, bootstrap: int) -> Optional[dict]:
+def _localise(run: Run, evidence_fn, eval_set,
+              bootstrap: int) -> Optional[dict]:
   """The evidence maps' pointing game and IoU hit against the split's boxes
-  (`evaluate.localise`), or None: no boxes in the data set, a method or
-  model without evidence maps, or `eval.localise` off."""
+  (`evaluate.localise`), or None: no boxes in the data set, no evidence
+  maps (`evidence_fn` None), or `eval.localise` off."""
   c = run.config
-  if not c.eval.localise or not _explains(run):
+  if not c.eval.localise or evidence_fn is None:
     return None
   index = eval_set.index
   try:
@@ -268,16 +269,15 @@ def _localise(run: Run, params, eval_set, bootstrap: int) -> Optional[dict]:
     logging.info("%s: no localisation scores (%s).", eval_set.name, e)
     return None
   return evaluate.localise(
-      functools.partial(evaluate.make_evidence_fn(run.model), params,
-                        run.frozen),
-      eval_set, found, batch_size=int(c.eval.batch_size), mesh=run.mesh,
-      data_config=c.data, bootstrap=bootstrap, seed=int(c.seed))
+      evidence_fn, eval_set, found, batch_size=int(c.eval.batch_size),
+      mesh=run.mesh, data_config=c.data, bootstrap=bootstrap,
+      seed=int(c.seed))
 
 
 GALLERY = 2  # Images per label and kind in report.md's evidence gallery.
 
 
-def _gallery(run: Run, params, eval_set, result: report.Result,
+def _gallery(run: Run, evidence_fn, eval_set, result: report.Result,
              thresholds: dict, step: int) -> list[str]:
   """report.md lines: per label, the split's most confident true positives
   and its missed findings (positives below the threshold, least confident
@@ -302,9 +302,8 @@ def _gallery(run: Run, params, eval_set, result: report.Result,
     return []
   rows = sorted({r for _, _, r in picks})
   images, maps = evaluate.evidence_rows(
-      functools.partial(evaluate.make_evidence_fn(run.model), params,
-                        run.frozen),
-      eval_set, rows, mesh=run.mesh, data_config=run.config.data)
+      evidence_fn, eval_set, rows, mesh=run.mesh,
+      data_config=run.config.data)
   if not run.lead:
     return []
   folder = os.path.join(run.workdir, "report", "gallery")
@@ -568,11 +567,15 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
   c = run.config
   step = int(meta["step"])
   bootstrap = int(c.eval.bootstrap)
+  # One jitted evidence function for every set and the gallery.
+  evidence_fn = (functools.partial(evaluate.make_evidence_fn(run.model),
+                                   params, run.frozen)
+                 if _explains(run) else None)
   sets, located = {}, {}
   for es in [run.data.test] + list(run.data.extra_tests):
     sets[es.name] = {"MedBridge": _evaluate(run, params, es, step,
                                             f"test/{es.name}", bootstrap)}
-    located[es.name] = _localise(run, params, es, bootstrap)
+    located[es.name] = _localise(run, evidence_fn, es, bootstrap)
     if c.zero_shot.enabled:
       for e, p, name in zip(run.experts, run.prompts, run.expert_names):
         if p is None:  # Vision-only: no text to score prompts with.
@@ -581,8 +584,8 @@ def report_on_tests(run: Run, params, meta: dict) -> dict:
             evaluate.make_zero_shot_fn(e, p), es, bootstrap=bootstrap,
             seed=int(c.seed), **_eval_kwargs(run))
   gallery = []
-  if _explains(run):
-    gallery = _gallery(run, params, run.data.test,
+  if evidence_fn is not None:
+    gallery = _gallery(run, evidence_fn, run.data.test,
                        sets[run.data.test.name]["MedBridge"],
                        meta["thresholds"]["thresholds"], step)
   records = {
